@@ -1,0 +1,1 @@
+"""Scoring candidates: the lm-eval adapter, built-in demo tasks, fitness."""

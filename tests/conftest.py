@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models built once per test session, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def family(model_root):
+    """``family(arch, n_experts=2)`` -> (base, [experts]) of a tiny random model."""
+    from workers.synthetic import make_family
+
+    cache: dict[tuple[str, int], tuple[Path, list[Path]]] = {}
+
+    def get(arch: str, n_experts: int = 2):
+        key = (arch, n_experts)
+        if key not in cache:
+            cache[key] = make_family(arch, model_root / f"{arch}-{n_experts}", n_experts)
+        return cache[key]
+
+    return get

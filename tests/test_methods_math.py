@@ -1,0 +1,228 @@
+"""Each merge method's math on small tensors, against expectations worked out by hand
+(not the same code run twice)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workers import methods
+from workers.methods.base import MergeError, MergeInputs
+
+
+def run(method: str, base, tensors, model_params, global_params=None, seed=0, name="w"):
+    m = methods.get(method)
+    g = {p.name: p.default for p in m.global_params if not p.required}
+    g.update(global_params or {})
+    full = []
+    for p in model_params:
+        d = {s.name: s.default for s in m.model_params if not s.required}
+        d.update(p)
+        full.append(d)
+    t = lambda x: None if x is None else torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return m.merge(
+        MergeInputs(name=name, base=t(base), tensors=[t(x) for x in tensors],
+                    model_params=full, global_params=g, seed=seed)
+    )
+
+
+def close(a, b, tol=1e-6):
+    return torch.allclose(a, torch.tensor(b, dtype=torch.float32), atol=tol)
+
+
+# ---- linear ----------------------------------------------------------------------------
+def test_linear_weighted_average():
+    out = run("linear", None, [[1.0, 2.0], [5.0, -2.0]], [{"weight": 1}, {"weight": 3}])
+    assert close(out, [(1 + 15) / 4, (2 - 6) / 4])
+
+
+def test_linear_unnormalised_is_weighted_sum():
+    out = run("linear", None, [[1.0, 2.0], [5.0, -2.0]], [{"weight": 1}, {"weight": 3}],
+              {"normalize": False})
+    assert close(out, [16.0, -4.0])
+
+
+def test_linear_refuses_weights_summing_to_zero():
+    with pytest.raises(MergeError, match="sum to 0"):
+        run("linear", None, [[1.0], [2.0]], [{"weight": 1}, {"weight": -1}])
+
+
+# ---- task arithmetic --------------------------------------------------------------------
+def test_task_arithmetic():
+    base = [1.0, 1.0, 1.0]
+    out = run("task_arithmetic", base, [[2.0, 1.0, 0.0], [1.0, 3.0, 1.0]],
+              [{"weight": 0.5}, {"weight": 2.0}], {"lambda": 2.0})
+    # deltas (1,0,-1) and (0,2,0): 0.5*(1,0,-1) + 2*(0,2,0) = (0.5, 4, -0.5); times 2
+    assert close(out, [2.0, 9.0, 0.0])
+
+
+def test_task_arithmetic_weights_summing_to_zero_with_normalize_keeps_sum():
+    # mergekit's rule: a divisor of ~0 is replaced by 1 rather than dividing by zero
+    out = run("task_arithmetic", [0.0], [[1.0], [3.0]], [{"weight": 1}, {"weight": -1}],
+              {"normalize": True})
+    assert close(out, [-2.0])
+
+
+# ---- TIES -------------------------------------------------------------------------------
+def test_ties_trim_elect_merge_by_hand():
+    base = [0.0, 0.0, 0.0, 0.0]
+    m1 = [1.0, -2.0, 3.0, 0.5]  # keeps 3 and -2
+    m2 = [-1.5, 1.0, 2.0, -3.0]  # keeps -3 and 2
+    out = run("ties", base, [m1, m2], [{"weight": 1, "density": 0.5}] * 2)
+    # trimmed: (0,-2,3,0), (0,0,2,-3); sum (0,-2,5,-3) elects (+,-,+,-);
+    # agreeing entries: idx1 only m1, idx2 both, idx3 only m2; idx0 none
+    assert close(out, [0.0, -2.0, 2.5, -3.0])
+
+
+def test_ties_opposite_signs_keep_the_majority_mass():
+    out = run("ties", [0.0, 0.0], [[1.0, -1.0], [-3.0, 0.5]], [{"weight": 1, "density": 1}] * 2)
+    # idx0: sum -2 -> minus wins, only -3 kept; idx1: sum -0.5 -> minus wins, only -1
+    assert close(out, [-3.0, -1.0])
+
+
+def test_ties_density_zero_returns_base_and_one_keeps_all():
+    base = [1.0, 2.0]
+    assert close(run("ties", base, [[3.0, 5.0]], [{"weight": 1, "density": 0.0}]), base)
+    assert close(run("ties", base, [[3.0, 5.0]], [{"weight": 1, "density": 1.0}]), [3.0, 5.0])
+
+
+def test_ties_weights_normalise_over_agreeing_models():
+    out = run("ties", [0.0], [[2.0], [4.0]], [{"weight": 1, "density": 1}, {"weight": 3, "density": 1}])
+    assert close(out, [(2 + 12) / 4])
+
+
+def test_ties_weights_summing_to_zero():
+    # weighted deltas 1*2 and -1*4 = -4: minus wins; only model 2 agrees; divisor -1
+    out = run("ties", [0.0], [[2.0], [4.0]], [{"weight": 1, "density": 1}, {"weight": -1, "density": 1}])
+    assert close(out, [4.0])
+
+
+# ---- DARE -------------------------------------------------------------------------------
+def test_dare_is_deterministic_for_a_seed_and_changes_with_it():
+    base = torch.zeros(1000).tolist()
+    model = torch.linspace(0.1, 1, 1000).tolist()
+    p = [{"weight": 1, "density": 0.3}]
+    a = run("dare_linear", base, [model], p, seed=1)
+    b = run("dare_linear", base, [model], p, seed=1)
+    c = run("dare_linear", base, [model], p, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.06
+
+
+def test_dare_inverse_density_rescale_divides_by_density():
+    base = torch.zeros(200).tolist()
+    model = torch.full((200,), 2.0).tolist()
+    out = run("dare_linear", base, [model], [{"weight": 1, "density": 0.25}],
+              {"rescale_mode": "inverse_density"})
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 8.0))
+
+
+def test_dare_l1_rescale_preserves_l1_norm():
+    base = torch.zeros(500).tolist()
+    model = torch.linspace(-1, 1, 500).tolist()
+    out = run("dare_linear", base, [model], [{"weight": 1, "density": 0.5}])
+    assert math.isclose(out.abs().sum().item(), torch.tensor(model).abs().sum().item(), rel_tol=1e-5)
+
+
+def test_dare_density_edges():
+    base = [0.0, 0.0]
+    assert close(run("dare_ties", base, [[1.0, 2.0]], [{"weight": 1, "density": 0}]), base)
+    assert close(run("dare_ties", base, [[1.0, 2.0]], [{"weight": 1, "density": 1}]), [1.0, 2.0])
+
+
+# ---- breadcrumbs ------------------------------------------------------------------------
+def test_breadcrumbs_drops_outliers_and_small():
+    values = [float(v) for v in range(1, 11)]
+    out = run("breadcrumbs", [0.0] * 10, [values], [{"weight": 1, "density": 0.5, "gamma": 0.2}])
+    # keep 5 entries, after dropping the 2 largest (9, 10): ranks 4..8
+    assert close(out, [0, 0, 0, 4, 5, 6, 7, 8, 0, 0])
+
+
+def test_breadcrumbs_ties_elects_signs():
+    m1 = [1.0, 2.0, 3.0, 4.0]
+    m2 = [-1.0, -2.0, -3.0, -40.0]
+    out = run("breadcrumbs_ties", [0.0] * 4, [m1, m2],
+              [{"weight": 1, "density": 0.5, "gamma": 0.25}] * 2)
+    # each keeps 2 entries after dropping its largest one: m1 keeps 2,3; m2 keeps -2,-3
+    # sums cancel at idx1, idx2 -> >= 0 elects plus; only m1 agrees
+    assert close(out, [0.0, 2.0, 3.0, 0.0])
+
+
+# ---- DELLA ------------------------------------------------------------------------------
+def test_della_keeps_large_entries_more_often():
+    torch.manual_seed(0)
+    row = torch.arange(1, 1001, dtype=torch.float32)
+    base = torch.zeros(1000).tolist()
+    out = run("della_linear", base, [row.tolist()], [{"weight": 1, "density": 0.5, "epsilon": 0.4}],
+              {"rescale": False})
+    kept = out != 0
+    low, high = kept[:200].float().mean().item(), kept[-200:].float().mean().item()
+    # keep probability runs from 0.1 (smallest) to 0.9 (largest)
+    assert low < 0.3 and high > 0.7
+
+
+def test_della_refuses_density_epsilon_outside_unit_interval():
+    with pytest.raises(MergeError, match="epsilon"):
+        run("della", [0.0] * 4, [[1.0, 2, 3, 4]], [{"weight": 1, "density": 0.9, "epsilon": 0.2}])
+
+
+def test_della_inverse_density_divides_by_each_keep_probability():
+    row = [1.0, 2.0, 3.0]  # ranks 0, 0.5, 1 -> probs 0.3, 0.5, 0.7
+    out = run("della_linear", [0.0] * 3, [row], [{"weight": 1, "density": 0.5, "epsilon": 0.2}],
+              {"rescale_mode": "inverse_density"}, seed=3)
+    expected = [1 / 0.3, 2 / 0.5, 3 / 0.7]
+    for got, want in zip(out.tolist(), expected):
+        assert got == 0 or math.isclose(got, want, rel_tol=1e-5)
+
+
+# ---- SLERP ------------------------------------------------------------------------------
+def test_slerp_orthogonal_unit_vectors():
+    out = run("slerp", [1.0, 0.0], [[0.0, 1.0]], [{}], {"t": 0.5})
+    assert close(out, [math.sqrt(0.5), math.sqrt(0.5)])
+
+
+def test_slerp_endpoints_and_parallel_fallback():
+    a, b = [3.0, 4.0], [0.0, 2.0]
+    assert close(run("slerp", a, [b], [{}], {"t": 0.0}), a)
+    assert close(run("slerp", a, [b], [{}], {"t": 1.0}), b)
+    # parallel vectors: plain linear interpolation
+    assert close(run("slerp", [1.0, 1.0], [[2.0, 2.0]], [{}], {"t": 0.25}), [1.25, 1.25])
+
+
+def test_slerp_quarter_turn_angle():
+    out = run("slerp", [1.0, 0.0], [[0.0, 1.0]], [{}], {"t": 1 / 3})
+    assert close(out, [math.cos(math.pi / 6), math.sin(math.pi / 6)])
+
+
+# ---- Model Stock ------------------------------------------------------------------------
+def test_model_stock_orthogonal_offsets_return_base():
+    out = run("model_stock", [1.0, 1.0], [[2.0, 1.0], [1.0, 2.0]], [{}, {}])
+    assert close(out, [1.0, 1.0])
+
+
+def test_model_stock_identical_offsets_return_average():
+    out = run("model_stock", [0.0, 0.0], [[1.0, 2.0], [1.0, 2.0]], [{}, {}])
+    assert close(out, [1.0, 2.0])
+
+
+def test_model_stock_ratio_from_angle():
+    # offsets (1,0) and (1,1): cos = 1/sqrt2; t = 2c / (1 + c)
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    out = run("model_stock", [0.0, 0.0], [[1.0, 0.0], [1.0, 1.0]], [{}, {}])
+    assert close(out, [t * 1.0, t * 0.5], tol=1e-5)
+
+
+# ---- passthrough ------------------------------------------------------------------------
+def test_passthrough_scale():
+    assert close(run("passthrough", None, [[1.0, -2.0]], [{"scale": 0.5}]), [0.5, -1.0])
+
+
+def test_unknown_method_suggests_close_names():
+    with pytest.raises(MergeError, match="Did you mean ties"):
+        methods.get("tie")

@@ -1,0 +1,183 @@
+"""Executing a merge plan: read, merge and write one tensor at a time.
+
+Inputs of the next tensor are read on a background thread while the current one is
+merged, and each merged tensor is streamed to its shard at once, so peak memory is a
+few tensors, not a model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from search_spaces.recipe import Recipe
+from workers.methods.base import MergeError, MergeInputs, compute_dtype
+from workers.model_io import LazyModel
+from workers.plan import MergePlan, TensorTask, build_plan, patched_config
+from workers.safetensors_writer import ShardedWriter, TensorSpec, parse_size
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    bytes_written: int
+    files: list[str]
+
+
+def apply_residual_scale(tensor: torch.Tensor, scale: float, unit_offset: bool) -> torch.Tensor:
+    """Scale a layer's residual contribution through the tensor that ends it.
+
+    An output projection (weight and bias) is multiplied by ``scale``; a post-sub-layer
+    norm computed as ``x * (1 + w)`` gets ``w' = scale * (1 + w) - 1``.
+    """
+    if unit_offset:
+        return scale * (1 + tensor) - 1
+    return tensor * scale
+
+
+def _read(model: LazyModel, name: str, read_dtype: torch.dtype | None) -> torch.Tensor:
+    t = model.get(name)
+    if read_dtype is not None and t.dtype.is_floating_point:
+        t = t.to(read_dtype)
+    return t
+
+
+def read_inputs(
+    plan: MergePlan, task: TensorTask
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = _read(plan.models[task.base.model], task.base.name, plan.read_dtype) if task.base else None
+    tensors = [_read(plan.models[s.model], s.name, plan.read_dtype) for s in task.inputs]
+    return base, tensors
+
+
+def merge_tensor(
+    plan: MergePlan,
+    task: TensorTask,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Merge one tensor from its raw inputs; the result is in the task's dtype on CPU."""
+    everything = ([base] if base is not None else []) + tensors
+    if not everything[0].dtype.is_floating_point:
+        return everything[0].clone()  # integer buffers (e.g. position ids) are copied
+    for src, t in zip(([task.base] if task.base else []) + task.inputs, everything):
+        if torch.isnan(t).any():
+            raise MergeError(
+                f"model {src.model!r}, tensor {src.name}: contains NaN; refusing to merge it"
+            )
+    dt = compute_dtype(everything)
+    base_c = base.to(device=device, dtype=dt) if base is not None else None
+    tensors_c = [t.to(device=device, dtype=dt) for t in tensors]
+    inputs = MergeInputs(
+        name=task.name,
+        base=base_c,
+        tensors=tensors_c,
+        model_params=task.model_params,
+        global_params=task.global_params,
+        seed=plan.recipe.seed,
+        model_names=[s.model for s in task.inputs],
+    )
+    out = plan.method.merge(inputs)
+    if task.residual_scale is not None and task.residual_scale != 1:
+        out = apply_residual_scale(out, task.residual_scale, task.unit_offset)
+    return out.to(dtype=task.dtype, device="cpu")
+
+
+def write_side_files(plan: MergePlan, out_dir: Path) -> None:
+    """config.json (patched), tokenizer files and generation config from the sources."""
+    (out_dir / "config.json").write_text(json.dumps(patched_config(plan), indent=2) + "\n")
+    tok_dir = plan.models[plan.tokenizer_source].path
+    for fname in TOKENIZER_FILES:
+        src = tok_dir / fname
+        if src.exists():
+            shutil.copyfile(src, out_dir / fname)
+    if plan.recipe.chat_template:
+        (out_dir / "chat_template.jinja").write_text(plan.recipe.chat_template)
+    (out_dir / "evomerge_recipe.yaml").write_text(plan.recipe.to_yaml())
+
+
+def run_plan(
+    plan: MergePlan,
+    out_dir: str | Path,
+    *,
+    shard_size: str | int = "5GB",
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> MergeResult:
+    """Execute a plan into ``out_dir`` (written atomically: built beside it, then moved)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tasks]
+    writer = ShardedWriter(tmp, specs, parse_size(shard_size))
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read_inputs, plan, plan.tasks[0]) if plan.tasks else None
+            for i, task in enumerate(plan.tasks):
+                assert pending is not None
+                base, tensors = pending.result()
+                if i + 1 < len(plan.tasks):
+                    pending = pool.submit(read_inputs, plan, plan.tasks[i + 1])
+                out = merge_tensor(plan, task, base, tensors, device)
+                del base, tensors
+                writer.write(task.name, out)
+                if progress:
+                    progress(task.nbytes)
+        writer.close()
+        write_side_files(plan, tmp)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return MergeResult(
+        out_dir=out_dir,
+        tensors=len(plan.tasks),
+        bytes_written=sum(s.nbytes for s in specs),
+        files=writer.files,
+    )
+
+
+def merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    shard_size: str | int = "5GB",
+    device: str = "cpu",
+    show_progress: bool = False,
+) -> MergeResult:
+    """Plan and run a merge. All validation happens in planning, before any weight is read."""
+    plan = build_plan(recipe)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError("--device cuda was asked for, but no CUDA device is available")
+    if not show_progress:
+        return run_plan(plan, out_dir, shard_size=shard_size, device=device)
+    from tqdm import tqdm
+
+    total = sum(t.nbytes for t in plan.tasks)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging") as bar:
+        return run_plan(plan, out_dir, shard_size=shard_size, device=device, progress=bar.update)

@@ -1,0 +1,84 @@
+"""Resolving a recipe parameter to its value for one tensor.
+
+A value is a scalar, a per-layer list, or a list of filtered values. A per-layer list
+of ``n`` values is a gradient over the layers of a slice: layer ``i`` of ``L`` sits at
+``t = i / (L - 1)`` and takes the linear interpolation of the list at ``t * (n - 1)``
+(mergekit's rule; a list of exactly ``L`` values gives each layer its own value).
+Tensors outside the layers (embeddings, final norm, head) sit at ``t = 0``.
+
+Precedence, first match wins: the slice source's parameters, the model's parameters,
+the slice's parameters, the recipe's global parameters, the method's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+from search_spaces.recipe import ConditionalParameter
+from workers.architecture import CATEGORIES, category
+
+
+def filter_matches(flt: str | None, tensor_name: str) -> bool:
+    if flt is None or flt == "*":
+        return True
+    if flt in CATEGORIES:
+        return category(tensor_name) == flt
+    return flt in tensor_name
+
+
+def _interpolate(values: Sequence[Any], pos: Fraction | float) -> Any:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(pos * (len(values) - 1))]
+    scaled = pos * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = float(scaled - i0)
+    if frac == 0.0:
+        return values[i0]
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate(setting: Any, tensor_name: str, pos: Fraction | float) -> Any:
+    """Value of one setting for a tensor at relative depth ``pos`` (None: no match)."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [ConditionalParameter.model_validate(setting)]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, (bool, int, float, str)) for v in setting):
+            return _interpolate(setting, pos)
+        for cond in setting:
+            if isinstance(cond, dict):
+                cond = ConditionalParameter.model_validate(cond)
+            if filter_matches(cond.filter, tensor_name):
+                return evaluate(cond.value, tensor_name, pos)
+        return None
+    raise ValueError(f"unexpected parameter value {setting!r}")
+
+
+def layer_position(index_in_slice: int, slice_length: int) -> Fraction:
+    """Relative depth of a layer inside its slice (exact, so lists of L values hit)."""
+    if slice_length <= 1:
+        return Fraction(1)
+    return Fraction(index_in_slice, slice_length - 1)
+
+
+def resolve(
+    name: str,
+    scopes: Sequence[dict[str, Any] | None],
+    tensor_name: str,
+    pos: Fraction | float,
+) -> Any:
+    """First value of ``name`` found in ``scopes`` (most specific first), else None."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate(scope[name], tensor_name, pos)
+            if value is not None:
+                return value
+    return None
