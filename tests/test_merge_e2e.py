@@ -280,3 +280,18 @@ def test_console_script_shows_progress(family, tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "merging" in proc.stderr and "100%" in proc.stderr
+
+
+def test_stacking_patches_per_layer_config_lists(family, tmp_path):
+    base, _ = family("qwen2")
+    recipe = Recipe.from_dict({
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(base), "layer_range": [0, 2]}]}],
+    })
+    merge(recipe, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    if "layer_types" in config:
+        assert len(config["layer_types"]) == 4
+    generates(tmp_path / "out")
