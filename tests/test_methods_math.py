@@ -226,3 +226,21 @@ def test_passthrough_scale():
 def test_unknown_method_suggests_close_names():
     with pytest.raises(MergeError, match="Did you mean ties"):
         methods.get("tie")
+
+
+# ---- selection --------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9, 0.999])
+def test_top_k_mask_keeps_exactly_the_k_largest(density):
+    from workers.sparsify import top_k_mask
+
+    g = torch.Generator().manual_seed(1)
+    # many exact ties: values on a coarse grid
+    delta = (torch.randn(600_000, generator=g) * 50).round() / 50
+    k = max(1, int(density * delta.numel()))
+    mask = top_k_mask(delta, k)
+    assert int(mask.sum()) == k
+    kept, dropped = delta.abs()[mask], delta.abs()[~mask]
+    if dropped.numel():
+        assert kept.min() >= dropped.max()
+    order = torch.argsort(delta.abs(), descending=True)
+    assert torch.equal(top_k_mask(delta, k, order).sum(), torch.tensor(k))

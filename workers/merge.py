@@ -83,7 +83,8 @@ def merge_tensor(
     if not everything[0].dtype.is_floating_point:
         return everything[0].clone()  # integer buffers (e.g. position ids) are copied
     for src, t in zip(([task.base] if task.base else []) + task.inputs, everything):
-        if torch.isnan(t).any():
+        # a sum is NaN when any entry is (or when +inf meets -inf): cheap first check
+        if torch.isnan(t.sum()) and torch.isnan(t).any():
             raise MergeError(
                 f"model {src.model!r}, tensor {src.name}: contains NaN; refusing to merge it"
             )
@@ -98,6 +99,7 @@ def merge_tensor(
         global_params=task.global_params,
         seed=plan.recipe.seed,
         model_names=[s.model for s in task.inputs],
+        owned=True,  # freshly read for this task: the method may reuse the buffers
     )
     out = plan.method.merge(inputs)
     if task.residual_scale is not None and task.residual_scale != 1:
@@ -133,18 +135,24 @@ def run_plan(
     specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tasks]
     writer = ShardedWriter(tmp, specs, parse_size(shard_size))
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read_inputs, plan, plan.tasks[0]) if plan.tasks else None
+        # three stages overlap: read the next inputs, merge this tensor, write the last
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as out:
+            pending = reader.submit(read_inputs, plan, plan.tasks[0]) if plan.tasks else None
+            written = None
             for i, task in enumerate(plan.tasks):
                 assert pending is not None
                 base, tensors = pending.result()
                 if i + 1 < len(plan.tasks):
-                    pending = pool.submit(read_inputs, plan, plan.tasks[i + 1])
-                out = merge_tensor(plan, task, base, tensors, device)
+                    pending = reader.submit(read_inputs, plan, plan.tasks[i + 1])
+                merged = merge_tensor(plan, task, base, tensors, device)
                 del base, tensors
-                writer.write(task.name, out)
+                if written is not None:
+                    written.result()
+                written = out.submit(writer.write, task.name, merged)
                 if progress:
                     progress(task.nbytes)
+            if written is not None:
+                written.result()
         writer.close()
         write_side_files(plan, tmp)
     except BaseException:

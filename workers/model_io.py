@@ -53,6 +53,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int = -1  # byte offset of the data in a safetensors file
 
     @property
     def nbytes(self) -> int:
@@ -97,7 +98,8 @@ def resolve_model_path(ref: str, *, revision: str | None = None) -> Path:
         ) from exc
 
 
-def _read_safetensors_header(path: Path) -> dict[str, Any]:
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file and the byte offset where its data starts."""
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
@@ -105,7 +107,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
             raise ValueError(f"{path} is not a safetensors file (header of {size} bytes)")
-        return json.loads(fh.read(size))
+        return json.loads(fh.read(size)), 8 + size
 
 
 class LazyModel:
@@ -147,7 +149,7 @@ class LazyModel:
 
     def _index_safetensors(self, files: list[str]) -> None:
         for fname in files:
-            header = _read_safetensors_header(self.path / fname)
+            header, data_start = _read_safetensors_header(self.path / fname)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
@@ -156,7 +158,11 @@ class LazyModel:
                     raise ValueError(
                         f"model {self.ref!r}: tensor {name} has unsupported dtype {meta['dtype']}"
                     )
-                self.tensors[name] = TensorInfo(name, tuple(meta["shape"]), dtype, fname)
+                start, end = meta["data_offsets"]
+                info = TensorInfo(name, tuple(meta["shape"]), dtype, fname, data_start + start)
+                if info.nbytes != end - start:
+                    raise ValueError(f"model {self.ref!r}: tensor {name} has a corrupt size")
+                self.tensors[name] = info
 
     def _index_bin(self, files: list[str]) -> None:
         for fname in files:
@@ -181,15 +187,29 @@ class LazyModel:
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"model {self.ref!r} has no tensor {name!r}")
-        if info.file.endswith(".safetensors"):
-            handle = self._handles.get(info.file)
-            if handle is None:
-                from safetensors import safe_open
-
-                handle = safe_open(str(self.path / info.file), framework="pt", device="cpu")
-                self._handles[info.file] = handle
-            return handle.get_tensor(name)
+        if info.offset >= 0:
+            return self._pread(info)
         return self._load_bin(info.file)[name].clone()
+
+    def _pread(self, info: TensorInfo) -> torch.Tensor:
+        """Read a tensor's bytes straight into a fresh buffer.
+
+        Plain reads rather than a memory map: mapped pages of every source would count
+        toward the process's resident memory for the whole merge.
+        """
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = os.open(self.path / info.file, os.O_RDONLY)
+            self._handles[info.file] = fd
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise OSError(f"model {self.ref!r}: {info.file} ended early reading {info.name}")
+            done += n
+        return buf.view(info.dtype).reshape(info.shape)
 
     def weight_files(self) -> list[Path]:
         return sorted({self.path / info.file for info in self.tensors.values()})
@@ -206,8 +226,16 @@ class LazyModel:
         return True
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._bin_cache.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def dtype_from_name(name: str | None) -> torch.dtype | None:

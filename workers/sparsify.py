@@ -13,33 +13,67 @@ import torch
 RESCALE_MODES = ("l1", "inverse_density")
 
 
-def _l1_rescale(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    before = original.abs().sum()
+def _l1_rescale(before: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale ``kept`` so its L1 norm is ``before`` (the unsparsified norm)."""
     after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
     return kept * (before / after)
 
 
+_SAMPLE = 1 << 16
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of a flat tensor, in about four linear passes.
+
+    A fixed-seed sample brackets the answer; only the values inside the bracket are
+    selected exactly. Falls back to a full selection when the bracket misses.
+    """
+    n = mag.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(mag, n - k + 1).values
+    g = torch.Generator(device="cpu").manual_seed(n)
+    sample = mag[torch.randint(n, (_SAMPLE,), generator=g).to(mag.device)].float()
+    keep = k / n
+    margin = 5.0 * (keep * (1 - keep) / _SAMPLE) ** 0.5 + 1.0 / _SAMPLE
+    qs = torch.tensor([max(0.0, 1 - keep - margin), min(1.0, 1 - keep + margin)], device=sample.device)
+    lo, hi = (v.to(mag.dtype) for v in torch.quantile(sample, qs))
+    above = int((mag > hi).sum())
+    band = mag[(mag >= lo) & (mag <= hi)]
+    need = k - above
+    if 1 <= need <= band.numel():
+        return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(mag, n - k + 1).values
+
+
 def top_k_mask(delta: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the ``k`` largest-magnitude entries.
 
     With ``order`` (flattened indices by descending magnitude, precomputed once) this
-    costs no sort. Without it, a selection (kthvalue) finds the threshold in linear
-    time; exact ties at the threshold fall back to a full ordering.
+    costs no sort. Without it, a linear-time selection finds the threshold; among
+    entries equal to the threshold the first ones (by position) are kept.
     """
     n = delta.numel()
-    flat_mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     if order is not None:
+        flat_mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
         flat_mask[order[:k]] = True
         return flat_mask.view(delta.shape)
     mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    flat_mask = mag >= threshold
-    if int(flat_mask.sum()) != k:
-        flat_mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        flat_mask[torch.argsort(mag, descending=True)[:k]] = True
+    threshold = kth_largest(mag, k)
+    flat_mask = mag > threshold
+    short = k - int(flat_mask.sum())
+    if short > 0:
+        ties = torch.nonzero(mag == threshold).squeeze(1)[:short]
+        flat_mask[ties] = True
     return flat_mask.view(delta.shape)
+
+
+def _apply(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: str | None,
+           inplace: bool) -> torch.Tensor:
+    before = delta.abs().sum() if rescale == "l1" else None
+    kept = delta.mul_(mask) if inplace else delta * mask
+    return _rescale(before, kept, density, rescale)
 
 
 def magnitude(
@@ -47,6 +81,7 @@ def magnitude(
     density: float,
     rescale: str | None = None,
     order: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Keep the ``max(1, int(density * n))`` largest-magnitude entries (TIES trim)."""
     if density >= 1:
@@ -54,8 +89,7 @@ def magnitude(
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    kept = delta * top_k_mask(delta, k, order)
-    return _rescale(delta, kept, density, rescale)
+    return _apply(delta, top_k_mask(delta, k, order), density, rescale, inplace)
 
 
 def magnitude_outliers(
@@ -64,6 +98,7 @@ def magnitude_outliers(
     gamma: float,
     rescale: str | None = None,
     order: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Drop the ``gamma`` share of largest entries, then the smallest, keeping
     ``int(density * n)`` entries (Model Breadcrumbs)."""
@@ -79,8 +114,7 @@ def magnitude_outliers(
     ascending = order.flip(0)
     flat = torch.zeros(n, dtype=torch.bool, device=delta.device)
     flat[ascending[bottom_n : bottom_n + keep_n]] = True
-    kept = delta * flat.view(delta.shape)
-    return _rescale(delta, kept, density, rescale)
+    return _apply(delta, flat.view(delta.shape), density, rescale, inplace)
 
 
 def random_drop(
@@ -88,6 +122,7 @@ def random_drop(
     density: float,
     generator: torch.Generator,
     rescale: str | None = "l1",
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Keep each entry with probability ``density`` (DARE)."""
     if density >= 1:
@@ -95,8 +130,7 @@ def random_drop(
     if density <= 0:
         return torch.zeros_like(delta)
     keep = torch.rand(delta.shape, generator=generator) < density
-    kept = delta * keep.to(delta.device)
-    return _rescale(delta, kept, density, rescale)
+    return _apply(delta, keep.to(delta.device), density, rescale, inplace)
 
 
 def della_magprune(
@@ -129,16 +163,17 @@ def della_magprune(
         kept_rows = kept_rows / probs
         return kept_rows.reshape(delta.shape)
     kept = kept_rows.reshape(delta.shape)
-    return _l1_rescale(delta, kept) if rescale == "l1" else kept
+    return _l1_rescale(delta.abs().sum(), kept) if rescale == "l1" else kept
 
 
 def _rescale(
-    delta: torch.Tensor, kept: torch.Tensor, density: float, rescale: str | None
+    before: torch.Tensor | None, kept: torch.Tensor, density: float, rescale: str | None
 ) -> torch.Tensor:
     if rescale is None:
         return kept
     if rescale == "l1":
-        return _l1_rescale(delta, kept)
+        assert before is not None
+        return _l1_rescale(before, kept)
     if rescale == "inverse_density":
         return kept / density
     raise ValueError(f"unknown rescale mode {rescale!r}: use one of {RESCALE_MODES}")

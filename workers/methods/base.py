@@ -85,12 +85,15 @@ class MergeInputs:
     model_names: list[str] = field(default_factory=list)
     deltas: list[torch.Tensor] | None = None
     orders: list[torch.Tensor] | None = None
+    owned: bool = False  # the method may overwrite ``tensors`` (and ``deltas``) in place
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.deltas is not None:
             return self.deltas
         if self.base is None:
             raise MergeError(f"tensor {self.name}: this method needs a base_model")
+        if self.owned:
+            return [t.sub_(self.base) for t in self.tensors]
         return [t - self.base for t in self.tensors]
 
     def generator(self, index: int) -> torch.Generator:

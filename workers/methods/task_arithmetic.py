@@ -51,32 +51,37 @@ class TaskVectorMethod(MergeMethod):
             return base
         g = inputs.global_params
         rescale = g["rescale_mode"] if g["rescale"] else None
-        deltas = inputs.task_vectors()
-        kept = []
-        for i, (delta, params) in enumerate(zip(deltas, inputs.model_params)):
+        weights = [p["weight"] for p in inputs.model_params]
+        # weighted, sparsified task vectors; in place when the inputs are ours to modify
+        weighted = []
+        for i, (delta, params) in enumerate(zip(inputs.task_vectors(), inputs.model_params)):
             order = inputs.orders[i] if inputs.orders is not None else None
-            kept.append(self._sparsify(delta, params, rescale, order, inputs, i))
-        weights = torch.tensor(
-            [p["weight"] for p in inputs.model_params], dtype=base.dtype, device=base.device
-        )
-        stacked = torch.stack(kept)
-        shape = (-1,) + (1,) * base.dim()
-        stacked.mul_(weights.view(shape))
-        if self.consensus is not None:
-            signs = stacked.sign()
-            if self.consensus == "sum":
-                majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(base.dtype)
+            kept = self._sparsify(delta, params, rescale, order, inputs, i)
+            if kept is delta and not inputs.owned:
+                kept = kept * weights[i]  # never scale a caller's tensor in place
             else:
-                majority = torch.where(signs.sum(0) >= 0, 1.0, -1.0).to(base.dtype)
-            agree = signs == majority
-            mixed = (stacked * agree).sum(0)
-            divisor = (weights.view(shape) * agree).sum(0)
-            divisor[divisor == 0] = 1
+                kept.mul_(weights[i])
+            weighted.append(kept)
+        if self.consensus is None:
+            mixed = weighted[0]
+            for other in weighted[1:]:
+                mixed = mixed.add_(other) if inputs.owned else mixed + other
+            divisor = sum(weights)
+            if abs(divisor) < 1e-8:
+                divisor = 1.0
         else:
-            mixed = stacked.sum(0)
-            divisor = weights.sum()
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones((), dtype=base.dtype)
+            # elect a sign per entry: of the summed mass ("sum", TIES) or of the votes
+            if self.consensus == "sum":
+                elected = (torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0]) >= 0
+            else:
+                elected = torch.stack([w.sign() for w in weighted]).sum(0) >= 0
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base)
+            for w, kept in zip(weights, weighted):
+                agree = torch.where(elected, kept > 0, kept < 0)
+                mixed.add_(kept * agree)
+                divisor.add_(agree, alpha=w)
+            divisor[divisor == 0] = 1
         if g["normalize"]:
             mixed = mixed / divisor
         if g["lambda"] != 1:
@@ -88,12 +93,15 @@ class TaskVectorMethod(MergeMethod):
         if kind is None:
             return delta
         density = params["density"]
+        inplace = inputs.owned
         if kind == "magnitude":
-            return sparsify.magnitude(delta, density, rescale, order)
+            return sparsify.magnitude(delta, density, rescale, order, inplace)
         if kind == "outliers":
-            return sparsify.magnitude_outliers(delta, density, params["gamma"], rescale, order)
+            return sparsify.magnitude_outliers(
+                delta, density, params["gamma"], rescale, order, inplace
+            )
         if kind == "random":
-            return sparsify.random_drop(delta, density, inputs.generator(index), rescale)
+            return sparsify.random_drop(delta, density, inputs.generator(index), rescale, inplace)
         if kind == "della":
             try:
                 return sparsify.della_magprune(
