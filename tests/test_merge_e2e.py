@@ -267,8 +267,26 @@ def test_model_not_found_names_the_reference(tmp_path):
         LazyModel(str(tmp_path / "missing"))
 
 
-def test_hub_ids_resolve_through_huggingface_hub_offline_cache(tmp_path, monkeypatch):
-    """A hub id goes through huggingface_hub; offline and uncached it fails clearly."""
+def test_hub_ids_resolve_through_huggingface_hub(family, tmp_path, monkeypatch):
+    """A hub id is resolved by huggingface_hub (here from its cache, offline); an
+    unknown one fails with a message that says what to do."""
+    import shutil
+
+    base, experts = family("llama")
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(experts[0], snap)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    recipe = Recipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": "tiny-org/tiny-llama", "parameters": {"weight": 1.0}}],
+    })
+    merge(recipe, tmp_path / "out")
+    assert torch.allclose(logits(tmp_path / "out"), logits(experts[0]), atol=1e-5)
     with pytest.raises(ModelNotFoundError, match="neither a local folder nor downloadable"):
         LazyModel("some-org/some-model")
 

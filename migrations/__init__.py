@@ -1,0 +1,1 @@
+"""Alembic migrations of evomerge's database (its own version table, beside Optuna's)."""
