@@ -54,6 +54,20 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from workers.zoo.build import build_zoo
+
+    zoo = build_zoo(args.out, seed=args.seed, scale=args.scale, force=args.force,
+                    log=None if args.quiet else print)
+    print(f"zoo (seed {zoo.seed}) at {zoo.root}, built in {zoo.seconds:.0f} s")
+    for name, path in zoo.models.items():
+        print(f"  {name:9s} {path}")
+    print("\nexact match of each source model on every zoo task "
+          "(the target is zoo_xl_add / zoo_xl_add_heldout):")
+    print(zoo.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description="Evolutionary search for model-merge recipes."
@@ -72,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=_cmd_methods)
+
+    zoo = sub.add_parser("zoo", help="the demo zoo: tiny models to merge, built locally")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    p = zoo_sub.add_parser("build", help="build (or reuse) the demo zoo and print its scores")
+    p.add_argument("--out", default=None, help="folder (default: ~/.cache/evomerge/zoo/...)")
+    p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="shorten training (tests use < 1)")
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_zoo_build)
     return parser
 
 
