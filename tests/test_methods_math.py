@@ -231,7 +231,7 @@ def test_unknown_method_suggests_close_names():
 # ---- selection --------------------------------------------------------------------------
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9, 0.999])
 def test_top_k_mask_keeps_exactly_the_k_largest(density):
-    from workers.sparsify import top_k_mask
+    from workers.sparsify import sorted_magnitudes, top_k_mask
 
     g = torch.Generator().manual_seed(1)
     # many exact ties: values on a coarse grid
@@ -242,5 +242,17 @@ def test_top_k_mask_keeps_exactly_the_k_largest(density):
     kept, dropped = delta.abs()[mask], delta.abs()[~mask]
     if dropped.numel():
         assert kept.min() >= dropped.max()
-    order = torch.argsort(delta.abs(), descending=True)
-    assert torch.equal(top_k_mask(delta, k, order).sum(), torch.tensor(k))
+    assert torch.equal(top_k_mask(delta, k, sorted_magnitudes(delta)), mask)
+
+
+@pytest.mark.parametrize("start,count", [(0, 1), (5, 100), (1000, 50_000), (0, 599_999), (599_999, 1)])
+def test_rank_window_matches_a_stable_sort(start, count):
+    from workers.sparsify import rank_window_mask, sorted_magnitudes
+
+    g = torch.Generator().manual_seed(2)
+    delta = (torch.randn(600_000, generator=g) * 20).round() / 20  # heavy ties
+    order = torch.sort(delta.abs(), descending=True, stable=True).indices
+    expected = torch.zeros_like(delta, dtype=torch.bool)
+    expected[order[start : start + count]] = True
+    assert torch.equal(rank_window_mask(delta, start, count), expected)
+    assert torch.equal(rank_window_mask(delta, start, count, sorted_magnitudes(delta)), expected)

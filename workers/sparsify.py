@@ -47,26 +47,37 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(mag, n - k + 1).values
 
 
-def top_k_mask(delta: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest-magnitude entries.
+def rank_window_mask(
+    delta: torch.Tensor, start: int, count: int, sorted_mag: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask of the entries whose magnitude rank lies in ``[start, start + count)``.
 
-    With ``order`` (flattened indices by descending magnitude, precomputed once) this
-    costs no sort. Without it, a linear-time selection finds the threshold; among
-    entries equal to the threshold the first ones (by position) are kept.
+    Ranks count from the largest magnitude (rank 0); equal magnitudes are ranked by
+    position, first first (a stable descending sort). ``sorted_mag`` — the flattened
+    magnitudes sorted descending, precomputed once per task vector — makes this two
+    look-ups and one comparison pass; without it two linear-time selections find the
+    window's bounds. Both give the same mask.
     """
     n = delta.numel()
-    if order is not None:
-        flat_mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-        flat_mask[order[:k]] = True
-        return flat_mask.view(delta.shape)
     mag = delta.abs().reshape(-1)
-    threshold = kth_largest(mag, k)
-    flat_mask = mag > threshold
-    short = k - int(flat_mask.sum())
-    if short > 0:
-        ties = torch.nonzero(mag == threshold).squeeze(1)[:short]
-        flat_mask[ties] = True
-    return flat_mask.view(delta.shape)
+    if count <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    if sorted_mag is not None:
+        hi, lo = sorted_mag[start], sorted_mag[start + count - 1]
+    else:
+        hi, lo = kth_largest(mag, start + 1), kth_largest(mag, start + count)
+    flat = (mag < hi) & (mag > lo)
+    for value in (hi,) if bool(hi == lo) else (hi, lo):
+        ties = torch.nonzero(mag == value).squeeze(1)
+        first_rank = int((mag > value).sum())
+        ranks = torch.arange(first_rank, first_rank + ties.numel(), device=ties.device)
+        flat[ties[(ranks >= start) & (ranks < start + count)]] = True
+    return flat.view(delta.shape)
+
+
+def top_k_mask(delta: torch.Tensor, k: int, sorted_mag: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the ``k`` largest-magnitude entries (ties: first by position)."""
+    return rank_window_mask(delta, 0, k, sorted_mag)
 
 
 def _apply(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: str | None,
@@ -80,7 +91,7 @@ def magnitude(
     delta: torch.Tensor,
     density: float,
     rescale: str | None = None,
-    order: torch.Tensor | None = None,
+    sorted_mag: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
     """Keep the ``max(1, int(density * n))`` largest-magnitude entries (TIES trim)."""
@@ -89,7 +100,7 @@ def magnitude(
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    return _apply(delta, top_k_mask(delta, k, order), density, rescale, inplace)
+    return _apply(delta, top_k_mask(delta, k, sorted_mag), density, rescale, inplace)
 
 
 def magnitude_outliers(
@@ -97,7 +108,7 @@ def magnitude_outliers(
     density: float,
     gamma: float,
     rescale: str | None = None,
-    order: torch.Tensor | None = None,
+    sorted_mag: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
     """Drop the ``gamma`` share of largest entries, then the smallest, keeping
@@ -107,14 +118,14 @@ def magnitude_outliers(
     n = delta.numel()
     keep_n = int(density * n)
     top_n = int(gamma * n)
-    bottom_n = max(0, n - keep_n - top_n)
-    if order is None:
-        order = torch.argsort(delta.abs().reshape(-1), descending=True)
-    # ascending position p corresponds to descending position n - 1 - p
-    ascending = order.flip(0)
-    flat = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    flat[ascending[bottom_n : bottom_n + keep_n]] = True
-    return _apply(delta, flat.view(delta.shape), density, rescale, inplace)
+    # dropping ``n - keep_n - top_n`` smallest (never fewer than 0) leaves this window
+    start = min(top_n, n - keep_n)
+    return _apply(delta, rank_window_mask(delta, start, keep_n, sorted_mag), density, rescale, inplace)
+
+
+def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    """The precomputation that makes trimming at any density sort-free."""
+    return torch.sort(delta.abs().reshape(-1), descending=True).values
 
 
 def random_drop(
@@ -131,6 +142,12 @@ def random_drop(
         return torch.zeros_like(delta)
     keep = torch.rand(delta.shape, generator=generator) < density
     return _apply(delta, keep.to(delta.device), density, rescale, inplace)
+
+
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each entry's magnitude rank within its row (0 = smallest; ties by position)."""
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    return torch.argsort(order, dim=1, stable=True).to(rows.dtype)
 
 
 def della_magprune(
@@ -154,7 +171,7 @@ def della_magprune(
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
     ncols = rows.shape[1]
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype)
+    ranks = row_ranks(rows)
     rank_norm = ranks / (ncols - 1) if ncols > 1 else torch.zeros_like(ranks)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     keep = torch.rand(rows.shape, generator=generator).to(delta.device) < probs

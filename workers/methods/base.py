@@ -71,9 +71,9 @@ class MergeInputs:
 
     ``base`` is the base model's tensor (None for methods without a base); ``tensors``
     are the other inputs in recipe order, with ``model_params`` resolved for each.
-    All tensors are in the compute dtype. ``deltas`` and ``orders`` may be supplied by a
-    caller that precomputed them (task vectors, and the descending-magnitude order of
-    each flattened task vector) so that a candidate costs no subtraction and no sort.
+    All tensors are in the compute dtype. ``deltas`` and ``sorted_magnitudes`` may be supplied by a
+    caller that precomputed them (task vectors, and each flattened task vector's
+    magnitudes sorted descending) so that a candidate costs no subtraction and no sort.
     """
 
     name: str
@@ -84,7 +84,7 @@ class MergeInputs:
     seed: int = 0
     model_names: list[str] = field(default_factory=list)
     deltas: list[torch.Tensor] | None = None
-    orders: list[torch.Tensor] | None = None
+    sorted_magnitudes: list[torch.Tensor] | None = None
     owned: bool = False  # the method may overwrite ``tensors`` (and ``deltas``) in place
 
     def task_vectors(self) -> list[torch.Tensor]:

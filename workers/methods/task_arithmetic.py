@@ -55,8 +55,8 @@ class TaskVectorMethod(MergeMethod):
         # weighted, sparsified task vectors; in place when the inputs are ours to modify
         weighted = []
         for i, (delta, params) in enumerate(zip(inputs.task_vectors(), inputs.model_params)):
-            order = inputs.orders[i] if inputs.orders is not None else None
-            kept = self._sparsify(delta, params, rescale, order, inputs, i)
+            sorted_mag = inputs.sorted_magnitudes[i] if inputs.sorted_magnitudes is not None else None
+            kept = self._sparsify(delta, params, rescale, sorted_mag, inputs, i)
             if kept is delta and not inputs.owned:
                 kept = kept * weights[i]  # never scale a caller's tensor in place
             else:
@@ -88,17 +88,17 @@ class TaskVectorMethod(MergeMethod):
             mixed = mixed * g["lambda"]
         return base + mixed
 
-    def _sparsify(self, delta, params, rescale, order, inputs: MergeInputs, index: int):
+    def _sparsify(self, delta, params, rescale, sorted_mag, inputs: MergeInputs, index: int):
         kind = self.sparsification
         if kind is None:
             return delta
         density = params["density"]
         inplace = inputs.owned
         if kind == "magnitude":
-            return sparsify.magnitude(delta, density, rescale, order, inplace)
+            return sparsify.magnitude(delta, density, rescale, sorted_mag, inplace)
         if kind == "outliers":
             return sparsify.magnitude_outliers(
-                delta, density, params["gamma"], rescale, order, inplace
+                delta, density, params["gamma"], rescale, sorted_mag, inplace
             )
         if kind == "random":
             return sparsify.random_drop(delta, density, inputs.generator(index), rescale, inplace)
