@@ -129,7 +129,7 @@ def test_stacking_shares_unscaled_layers_with_the_sources(llama_builder):
 
 
 def test_generation_with_kv_cache_on_a_repeated_stack(llama_builder):
-    base, experts, builder = llama_builder
+    _, experts, builder = llama_builder
     recipe = Recipe.from_dict({
         "merge_method": "passthrough",
         "slices": [{"sources": [{"model": str(experts[0]), "layer_range": [0, 2]}]},
@@ -156,7 +156,7 @@ def test_nan_candidate_is_refused(llama_builder):
         builder.cache.deltas[delta_key][0, 0] = float("nan")
         from workers.methods.base import MergeError
 
-        with pytest.raises(MergeError, match="NaN or inf in tensor model.layers.0.mlp.up_proj.weight"):
+        with pytest.raises(MergeError, match=r"NaN or inf in tensor model\.layers\.0\.mlp\.up_proj\.weight"):
             builder.build(recipe)
     finally:
         builder.cache.tensors[key].copy_(saved)

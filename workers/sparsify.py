@@ -58,7 +58,6 @@ def rank_window_mask(
     look-ups and one comparison pass; without it two linear-time selections find the
     window's bounds. Both give the same mask.
     """
-    n = delta.numel()
     mag = delta.abs().reshape(-1)
     if count <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)

@@ -95,7 +95,7 @@ def train(model: torch.nn.Module, stage: Stage, seed: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        recent = (recent + [loss.item()])[-50:]
+        recent = [*recent, loss.item()][-50:]
         if log and (step + 1) % 100 == 0:
             log(f"  {stage.name}: step {step + 1}/{stage.steps} loss {sum(recent) / len(recent):.4f}")
     model.eval()
