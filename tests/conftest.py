@@ -37,3 +37,15 @@ def family(model_root):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray, started once per test session (no dashboard)."""
+    import ray
+
+    from workers.pool import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()

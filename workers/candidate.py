@@ -122,10 +122,13 @@ class CandidateBuilder:
     def build(self, recipe: Recipe) -> torch.nn.Module:
         """The candidate for ``recipe`` (the resident model, or a stacked one)."""
         start = time.perf_counter()
-        plan = build_plan(recipe, models=self.models)
-        unknown = [r for r in plan.models if r not in self.models]
+        unknown = [r for r in recipe.referenced_models() if r not in self.models]
         if unknown:
-            raise MergeError(f"recipe names models outside this study's sources: {unknown}")
+            raise MergeError(
+                f"recipe names models outside this study's sources: {unknown}; "
+                f"the sources are {self.refs}"
+            )
+        plan = build_plan(recipe, models=self.models)
         self.timings.plan_s = time.perf_counter() - start
         start = time.perf_counter()
         model = self._stack(plan) if recipe.is_stacking() else self._merge_into_resident(plan)

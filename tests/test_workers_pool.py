@@ -1,0 +1,172 @@
+"""Ray workers: trials built and scored on actors, a dead actor replaced and its trial
+retried, a bad candidate failing only its own trial, and no barrier between trials."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from evaluators.base import EvaluationSpec, ObjectiveSpec
+from search_spaces.recipe import Recipe
+from workers.pool import WorkerPool, run_search
+from workers.trial import TrialRunner, WorkerSpec
+
+
+def noop_spec(base, experts, delay=0.0, jitter=0.0) -> WorkerSpec:
+    return WorkerSpec(
+        sources=[str(e) for e in experts], base_model=str(base),
+        evaluation=EvaluationSpec(
+            evaluator="noop", objectives=[ObjectiveSpec(task="fingerprint", metric="mean")],
+            options={"delay_s": delay, "jitter": jitter},
+        ),
+    )
+
+
+def ta_recipe(base, experts, w: float) -> dict:
+    return Recipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": str(e), "parameters": {"weight": w}} for e in experts],
+    }).model_dump(mode="json")
+
+
+def test_trial_runner_without_ray(family):
+    base, experts = family("llama")
+    runner = TrialRunner(noop_spec(base, experts))
+    ok = runner.run(1, ta_recipe(base, experts, 0.5))
+    assert ok.state == "complete" and len(ok.values) == 1
+    assert ok.timings.build_s > 0 and ok.peak_memory_bytes > 0 and ok.worker
+    other = runner.run(2, ta_recipe(base, experts, 0.9))
+    assert other.values != ok.values  # a different candidate was scored
+    bad = ta_recipe(base, experts, 0.5)
+    bad["merge_method"] = "ties"
+    bad["models"][0]["parameters"]["density"] = 7.0
+    failed = runner.run(3, bad)
+    assert failed.state == "failed" and "density" in failed.error and "maximum" in failed.error
+    assert runner.run(4, ta_recipe(base, experts, 0.5)).values == ok.values
+
+
+def test_pool_runs_trials_and_survives_a_bad_candidate(family, ray_local):
+    base, experts = family("llama")
+    pool = WorkerPool(noop_spec(base, experts), n=2)
+    try:
+        pool.submit(1, ta_recipe(base, experts, 0.3))
+        bad = ta_recipe(base, experts, 0.3)
+        bad["models"][0]["model"] = "/nonexistent/model"
+        pool.submit(2, bad)
+        results = []
+        while len(results) < 2:
+            results += pool.wait()
+        by_id = {r.trial_id: r for r in results}
+        assert by_id[1].state == "complete"
+        assert by_id[2].state == "failed" and "outside this study's sources" in by_id[2].error
+        assert pool.idle() == 2
+        pool.submit(3, ta_recipe(base, experts, 0.6))
+        (again,) = pool.wait()
+        assert again.state == "complete"
+        mem = pool.memory()[0]
+        assert mem["task_vectors"] > 0 and mem["candidate"] > 0
+    finally:
+        pool.shutdown()
+
+
+def test_killed_actor_is_replaced_and_its_trial_retried(family, ray_local):
+    base, experts = family("llama")
+    pool = WorkerPool(noop_spec(base, experts, delay=3.0), n=1)
+    try:
+        (pid,) = pool.pids()
+        pool.submit(7, ta_recipe(base, experts, 0.4))
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+        results = []
+        while not results:
+            results = pool.wait()
+        (result,) = results
+        assert result.trial_id == 7 and result.state == "complete" and result.attempts == 2
+        assert pool.replaced == 1 and pool.pids()[0] != pid
+        # the run continues on the new actor
+        pool.submit(8, ta_recipe(base, experts, 0.5))
+        assert pool.wait()[0].state == "complete"
+    finally:
+        pool.shutdown()
+
+
+def test_trial_that_kills_its_worker_twice_is_failed_with_the_reason(family, ray_local):
+    base, experts = family("llama")
+    pool = WorkerPool(noop_spec(base, experts, delay=3.0), n=1)
+    try:
+        pool.submit(9, ta_recipe(base, experts, 0.4))
+        results = []
+        for _ in range(2):
+            time.sleep(0.5)
+            deadline = time.time() + 60
+            while True:  # wait until the (new) actor is up, then kill it mid-trial
+                try:
+                    pid = pool.pids()[0]
+                    break
+                except Exception as err:
+                    assert time.time() < deadline, repr(err)
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            results += pool.wait()
+        (result,) = results
+        assert result.state == "failed" and "died 2 times" in result.error
+    finally:
+        pool.shutdown()
+
+
+class _RandomOptimizer:
+    """A stand-in optimizer: random points, records what it was told."""
+
+    def __init__(self):
+        self.rng = random.Random(0)
+        self.n = 0
+        self.told: dict[int, object] = {}
+
+    def ask(self, n: int = 1):
+        from search_spaces.optimizers.base import Point
+
+        self.n += 1
+        return [Point(self.n, {"w": self.rng.random()})]
+
+    def tell(self, point_id, result):
+        assert point_id not in self.told
+        self.told[point_id] = result
+
+
+def test_no_worker_idles_while_points_are_available(family, ray_local):
+    """Uneven evaluation costs (0.2–0.8 s) on 2 workers: every worker is busy for all but
+    the dispatch latency of the span it is in use."""
+    base, experts = family("llama")
+    pool = WorkerPool(noop_spec(base, experts, delay=0.2, jitter=3.0), n=2)
+    try:
+        pool.submit(0, ta_recipe(base, experts, 0.5))  # warm both actors up
+        pool.submit(-1, ta_recipe(base, experts, 0.5))
+        while pool.running:
+            pool.wait()
+        opt = _RandomOptimizer()
+        results = run_search(opt, lambda p: ta_recipe(base, experts, p["w"]), pool, budget=16)
+        assert len(results) == 16 and len(opt.told) == 16
+        idle = []
+        for worker in {r.worker for r in results}:
+            mine = sorted(
+                (r.timings.started_at, r.timings.finished_at) for r in results if r.worker == worker
+            )
+            span = mine[-1][1] - mine[0][0]
+            busy = sum(end - start for start, end in mine)
+            idle.append(1 - busy / span)
+        print("idle fractions", [f"{x:.3f}" for x in idle])
+        assert len(idle) == 2
+        assert max(idle) < 0.10, idle
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("n", [1])
+def test_worker_spec_round_trips(n, family):
+    base, experts = family("llama")
+    spec = noop_spec(base, experts)
+    assert WorkerSpec.model_validate(spec.model_dump(mode="json")) == spec

@@ -1,0 +1,126 @@
+"""One trial on a worker: build the candidate in memory, score it, report.
+
+:class:`TrialRunner` is plain Python (no Ray), so everything a Ray actor does is
+testable on its own. A trial never raises: a recipe that cannot be built, a crashed
+or NaN evaluation become a *failed* :class:`TrialResult` with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+import traceback
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from evaluators.base import EvaluationSpec
+
+
+class WorkerSpec(BaseModel):
+    """What a worker needs to build and score a study's candidates."""
+
+    sources: list[str] = Field(min_length=1, description="model references, base included")
+    base_model: str | None = None
+    evaluation: EvaluationSpec
+    device: str = "cpu"
+    threads: int = Field(default=1, ge=1, description="torch threads (1 is fastest for tiny models)")
+    tokenizer: str | None = Field(default=None, description="tokenizer source (default: the base)")
+    multi_objective: bool = False
+
+    def source_key(self) -> tuple[str, ...]:
+        """Workers are reused across trials of any study with the same sources."""
+        return (self.base_model or "", *sorted(self.sources), self.device)
+
+
+class TrialTimings(BaseModel):
+    build_s: float = 0.0
+    evaluate_s: float = 0.0
+    forward_s: float = 0.0
+    started_at: float = 0.0  # wall clock on the worker
+    finished_at: float = 0.0
+
+
+class TrialResult(BaseModel):
+    """What a worker reports for one trial (crosses the Ray boundary as a dict)."""
+
+    trial_id: int
+    state: Literal["complete", "failed"]
+    values: list[float] = Field(default_factory=list, description="what the optimizer is told")
+    scores: dict[str, float] = Field(default_factory=dict, description="objective -> raw value")
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    timings: TrialTimings = Field(default_factory=TrialTimings)
+    peak_memory_bytes: int = 0
+    worker: str = ""
+    error: str | None = None
+    attempts: int = 1
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class TrialRunner:
+    """Holds a study's sources, a resident candidate and an evaluator, for many trials."""
+
+    def __init__(self, spec: WorkerSpec | dict[str, Any]):
+        import torch
+
+        from evaluators import registry
+        from workers.candidate import CandidateBuilder
+
+        self.spec = WorkerSpec.model_validate(spec)
+        torch.set_num_threads(self.spec.threads)
+        self.builder = CandidateBuilder(self.spec.sources, base=self.spec.base_model,
+                                        device=self.spec.device)
+        self.evaluator = registry.create(self.spec.evaluation)
+        self._tokenizer = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            ref = self.spec.tokenizer or self.spec.base_model or self.spec.sources[0]
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.builder.models[ref].path))
+        return self._tokenizer
+
+    def run(self, trial_id: int, recipe: dict[str, Any] | Any) -> TrialResult:
+        from evaluators.base import EvaluationError
+        from evaluators.fitness import fitness
+        from search_spaces.recipe import Recipe
+
+        timings = TrialTimings(started_at=time.time())
+        try:
+            rec = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+            start = time.perf_counter()
+            model = self.builder.build(rec)
+            timings.build_s = time.perf_counter() - start
+            start = time.perf_counter()
+            result = self.evaluator.evaluate(model, self.tokenizer)
+            timings.evaluate_s = time.perf_counter() - start
+            timings.forward_s = result.timings.forward_s
+            value = fitness(result, multi_objective=self.spec.multi_objective)
+            values = value if isinstance(value, list) else [value]
+            timings.finished_at = time.time()
+            return TrialResult(
+                trial_id=trial_id, state="complete", values=values, scores=result.scores,
+                metrics=result.metrics, timings=timings,
+                peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name,
+            )
+        except EvaluationError as err:
+            reason = f"evaluation failed: {err}"
+        except Exception as err:  # a bad candidate fails its trial, never the worker
+            reason = f"{type(err).__name__}: {err}"
+            if not isinstance(err, ValueError):
+                reason += "\n" + traceback.format_exc(limit=5)
+        timings.finished_at = time.time()
+        return TrialResult(trial_id=trial_id, state="failed", error=reason, timings=timings,
+                           peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name)
