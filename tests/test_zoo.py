@@ -93,3 +93,26 @@ def test_cli_prints_the_score_table(zoo, capsys):
 
 def test_load_returns_none_for_unfinished(tmp_path: Path):
     assert load(tmp_path) is None
+
+
+def test_lm_eval_adapter_agrees_with_the_zoo_table(zoo):
+    """The zoo's own greedy scorer (used for the table) and the lm-eval adapter (used
+    by searches) give the same exact-match scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators import registry
+    from evaluators.base import EvaluationSpec, ObjectiveSpec
+
+    spec = EvaluationSpec(
+        evaluator="lm_eval",
+        objectives=[ObjectiveSpec(task=t, metric="exact_match")
+                    for t in ("zoo_en_add", "zoo_xl_add1", "zoo_xl_add")],
+        options={"task_dirs": ["evomerge:zoo"]},
+    )
+    evaluator = registry.create(registry.validate_spec(spec))
+    for name in ("math", "language"):
+        path = zoo.models[name]
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        result = evaluator.evaluate(model, AutoTokenizer.from_pretrained(str(path)))
+        for objective in result.objectives:
+            assert objective.value == pytest.approx(zoo.scores[name][objective.task]), (name, objective)
