@@ -23,37 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-
-
-def build_models(root: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:
-    """A base and two experts with Llama's tensor names, written with safetensors."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    from workers.synthetic import make_config, tokenizer_files
-
-    config = make_config("llama", hidden=1024, layers=8, vocab=32000, intermediate=2816, heads=16)
-    config.tie_word_embeddings = False
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    paths = [root / "base", root / "expert0", root / "expert1"]
-    if all((p / "model.safetensors").exists() for p in paths):
-        return paths[0], paths[1:]
-    g = torch.Generator().manual_seed(0)
-    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
-    for i, path in enumerate(paths):
-        path.mkdir(parents=True, exist_ok=True)
-        if i == 0:
-            state = base
-        else:
-            state = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.002).to(dtype)
-                     for k, v in base.items()}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-        config.torch_dtype = str(dtype).removeprefix("torch.")
-        config.save_pretrained(str(path))
-        tokenizer_files(path)
-        del state
-    return paths[0], paths[1:]
+sys.path.insert(0, str(HERE))
 
 
 def recipe(method: str, base: Path, experts: list[Path], dtype: str) -> dict:
@@ -89,6 +59,8 @@ def main() -> None:
 
     root = Path(args.out)
     dtype = getattr(torch, args.dtype)
+    from bench_models import build_models
+
     base, experts = build_models(root / "models", dtype)
     read_bytes = sum((p / "model.safetensors").stat().st_size for p in (base, *experts))
     for p in (base, *experts):  # warm the page cache so both tools start equal

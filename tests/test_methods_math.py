@@ -237,12 +237,12 @@ def test_top_k_mask_keeps_exactly_the_k_largest(density):
     # many exact ties: values on a coarse grid
     delta = (torch.randn(600_000, generator=g) * 50).round() / 50
     k = max(1, int(density * delta.numel()))
-    mask = top_k_mask(delta, k)
+    mask = top_k_mask(delta, k).bool()
     assert int(mask.sum()) == k
     kept, dropped = delta.abs()[mask], delta.abs()[~mask]
     if dropped.numel():
         assert kept.min() >= dropped.max()
-    assert torch.equal(top_k_mask(delta, k, sorted_magnitudes(delta)), mask)
+    assert torch.equal(top_k_mask(delta, k, sorted_magnitudes(delta)).bool(), mask)
 
 
 @pytest.mark.parametrize("start,count", [(0, 1), (5, 100), (1000, 50_000), (0, 599_999), (599_999, 1)])
@@ -254,5 +254,10 @@ def test_rank_window_matches_a_stable_sort(start, count):
     order = torch.sort(delta.abs(), descending=True, stable=True).indices
     expected = torch.zeros_like(delta, dtype=torch.bool)
     expected[order[start : start + count]] = True
-    assert torch.equal(rank_window_mask(delta, start, count), expected)
-    assert torch.equal(rank_window_mask(delta, start, count, sorted_magnitudes(delta)), expected)
+    assert torch.equal(rank_window_mask(delta, start, count).bool(), expected)
+    assert torch.equal(rank_window_mask(delta, start, count, sorted_magnitudes(delta)).bool(), expected)
+    clean = torch.randn(600_000, generator=g)  # no ties: the sort-free fast path
+    order = torch.sort(clean.abs(), descending=True, stable=True).indices
+    expected = torch.zeros_like(clean, dtype=torch.bool)
+    expected[order[start : start + count]] = True
+    assert torch.equal(rank_window_mask(clean, start, count, sorted_magnitudes(clean)).bool(), expected)

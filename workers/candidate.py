@@ -79,6 +79,9 @@ class CandidateBuilder:
                         self._delta(ref, name, base, name)
         self._resident: torch.nn.Module | None = None
         self._resident_ref: str | None = None
+        from workers.sparsify import Workspace
+
+        self.workspace = Workspace()
 
     # ---- precomputed inputs ------------------------------------------------------
     def _tensor(self, ref: str, name: str) -> torch.Tensor:
@@ -116,6 +119,7 @@ class CandidateBuilder:
             "task_vectors": size(self.cache.deltas.values()),
             "sorted_magnitudes": size(self.cache.sorted.values()),
             "candidate": resident,
+            "scratch": self.workspace.nbytes(),
         }
 
     # ---- building ------------------------------------------------------------------
@@ -162,7 +166,7 @@ class CandidateBuilder:
             name=task.name, base=base, tensors=tensors, model_params=task.model_params,
             global_params=task.global_params, seed=plan.recipe.seed,
             model_names=[s.model for s in task.inputs], deltas=deltas,
-            sorted_magnitudes=sorted_mags, owned=False,
+            sorted_magnitudes=sorted_mags, owned=False, workspace=self.workspace,
         )
 
     def _merge_into_resident(self, plan: MergePlan) -> torch.nn.Module:
@@ -179,11 +183,15 @@ class CandidateBuilder:
             for task in plan.tasks:
                 if not task.dtype.is_floating_point:
                     continue
-                merged = plan.method.merge(self._inputs(plan, task))
-                if not torch.isfinite(merged.sum()):
-                    raise MergeError(f"the candidate has NaN or inf in tensor {task.name}")
                 target = params[task.name]
-                target.copy_(merged.to(task.dtype).to(target.dtype))
+                inputs = self._inputs(plan, task)
+                if task.dtype == target.dtype and target.is_contiguous():
+                    inputs.out = target  # merged straight into the resident parameter
+                merged = plan.method.merge(inputs)
+                if merged is not target:
+                    target.copy_(merged.to(task.dtype).to(target.dtype))
+                if not torch.isfinite(target.sum()):
+                    raise MergeError(f"the candidate has NaN or inf in tensor {task.name}")
         return model
 
     def _stack(self, plan: MergePlan) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from workers.methods.base import MergeError, MergeInputs, compute_dtype
 from workers.model_io import LazyModel
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
 from workers.safetensors_writer import ShardedWriter, TensorSpec, parse_size
+from workers.sparsify import Workspace
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -77,6 +78,7 @@ def merge_tensor(
     base: torch.Tensor | None,
     tensors: list[torch.Tensor],
     device: torch.device | str = "cpu",
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Merge one tensor from its raw inputs; the result is in the task's dtype on CPU."""
     everything = ([base] if base is not None else []) + tensors
@@ -100,6 +102,7 @@ def merge_tensor(
         seed=plan.recipe.seed,
         model_names=[s.model for s in task.inputs],
         owned=True,  # freshly read for this task: the method may reuse the buffers
+        workspace=workspace,
     )
     out = plan.method.merge(inputs)
     if task.residual_scale is not None and task.residual_scale != 1:
@@ -134,6 +137,7 @@ def run_plan(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tasks]
     writer = ShardedWriter(tmp, specs, parse_size(shard_size))
+    workspace = Workspace()  # scratch buffers reused across tensors of the same shape
     try:
         # three stages overlap: read the next inputs, merge this tensor, write the last
         with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as out:
@@ -144,7 +148,7 @@ def run_plan(
                 base, tensors = pending.result()
                 if i + 1 < len(plan.tasks):
                     pending = reader.submit(read_inputs, plan, plan.tasks[i + 1])
-                merged = merge_tensor(plan, task, base, tensors, device)
+                merged = merge_tensor(plan, task, base, tensors, device, workspace)
                 del base, tensors
                 if written is not None:
                     written.result()

@@ -86,6 +86,8 @@ class MergeInputs:
     deltas: list[torch.Tensor] | None = None
     sorted_magnitudes: list[torch.Tensor] | None = None
     owned: bool = False  # the method may overwrite ``tensors`` (and ``deltas``) in place
+    workspace: Any = None  # a workers.sparsify.Workspace of reusable scratch buffers
+    out: torch.Tensor | None = None  # write the result here when the method can
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.deltas is not None:

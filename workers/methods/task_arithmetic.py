@@ -49,63 +49,75 @@ class TaskVectorMethod(MergeMethod):
             raise MergeError(f"{self.name} needs a base_model")
         if not inputs.tensors:
             return base
+        ws = inputs.workspace or sparsify.Workspace(reuse=False)
         g = inputs.global_params
         rescale = g["rescale_mode"] if g["rescale"] else None
         weights = [p["weight"] for p in inputs.model_params]
-        # weighted, sparsified task vectors; in place when the inputs are ours to modify
+        # weighted, sparsified task vectors, each in a buffer of its own
         weighted = []
         for i, (delta, params) in enumerate(zip(inputs.task_vectors(), inputs.model_params)):
-            sorted_mag = inputs.sorted_magnitudes[i] if inputs.sorted_magnitudes is not None else None
-            kept = self._sparsify(delta, params, rescale, sorted_mag, inputs, i)
-            if kept is delta and not inputs.owned:
-                kept = kept * weights[i]  # never scale a caller's tensor in place
+            buf = ws.get(f"kept{i}", delta)
+            if self.sparsification is None:
+                weighted.append(torch.mul(delta, weights[i], out=buf))
             else:
-                kept.mul_(weights[i])
-            weighted.append(kept)
+                self._sparsify(delta, params, rescale, buf, ws, inputs, i)
+                weighted.append(buf.mul_(weights[i]))
+        out = inputs.out if inputs.out is not None else torch.empty_like(base)
+        if len(weighted) == 1:
+            out.copy_(weighted[0])
+        else:
+            torch.add(weighted[0], weighted[1], out=out)
+            for other in weighted[2:]:
+                out.add_(other)  # the sum, added left to right
         if self.consensus is None:
-            mixed = weighted[0]
-            for other in weighted[1:]:
-                mixed = mixed.add_(other) if inputs.owned else mixed + other
-            divisor = sum(weights)
+            divisor: float | torch.Tensor = sum(weights)
             if abs(divisor) < 1e-8:
                 divisor = 1.0
         else:
-            # elect a sign per entry: of the summed mass ("sum", TIES) or of the votes
+            # the elected sign of each entry, +1 or -1 (a zero sum elects +1)
+            elected = ws.get("elected", base)
             if self.consensus == "sum":
-                elected = (torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0]) >= 0
+                total = out
             else:
-                elected = torch.stack([w.sign() for w in weighted]).sum(0) >= 0
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
+                total = ws.get("votes", base).zero_()
+                for kept in weighted:
+                    total.add_(torch.sign(kept, out=ws.get("part", base)))
+            torch.ge(total, 0, out=elected).mul_(2).sub_(1)
+            out.zero_()
+            divisor = ws.get("divisor", base).zero_()
+            part = ws.get("part", base)
+            agrees = ws.get("agrees", base)
             for w, kept in zip(weights, weighted):
-                agree = torch.where(elected, kept > 0, kept < 0)
-                mixed.add_(kept * agree)
-                divisor.add_(agree, alpha=w)
-            divisor[divisor == 0] = 1
+                # kept·elected > 0 exactly where kept is nonzero with the elected sign;
+                # relu keeps those, and multiplying by ±1 again restores kept exactly
+                torch.mul(kept, elected, out=part).relu_()
+                divisor.add_(torch.gt(part, 0, out=agrees), alpha=w)
+                out.add_(part.mul_(elected))
+            divisor.add_(torch.eq(divisor, 0, out=agrees))  # nobody agrees: divide by 1
         if g["normalize"]:
-            mixed = mixed / divisor
+            out.div_(divisor)
         if g["lambda"] != 1:
-            mixed = mixed * g["lambda"]
-        return base + mixed
+            out.mul_(g["lambda"])
+        return out.add_(base)
 
-    def _sparsify(self, delta, params, rescale, sorted_mag, inputs: MergeInputs, index: int):
+    def _sparsify(self, delta, params, rescale, out, ws, inputs: MergeInputs, index: int):
         kind = self.sparsification
         if kind is None:
-            return delta
+            return out.copy_(delta)
         density = params["density"]
-        inplace = inputs.owned
+        sorted_mag = inputs.sorted_magnitudes[index] if inputs.sorted_magnitudes is not None else None
         if kind == "magnitude":
-            return sparsify.magnitude(delta, density, rescale, sorted_mag, inplace)
+            return sparsify.magnitude(delta, density, rescale, sorted_mag, out=out, ws=ws)
         if kind == "outliers":
             return sparsify.magnitude_outliers(
-                delta, density, params["gamma"], rescale, sorted_mag, inplace
+                delta, density, params["gamma"], rescale, sorted_mag, out=out, ws=ws
             )
         if kind == "random":
-            return sparsify.random_drop(delta, density, inputs.generator(index), rescale, inplace)
+            return sparsify.random_drop(delta, density, inputs.generator(index), rescale, out=out, ws=ws)
         if kind == "della":
             try:
                 return sparsify.della_magprune(
-                    delta, density, params["epsilon"], inputs.generator(index), rescale
+                    delta, density, params["epsilon"], inputs.generator(index), rescale, out=out, ws=ws
                 )
             except ValueError as exc:
                 model = inputs.model_names[index] if inputs.model_names else f"#{index}"
