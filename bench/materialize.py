@@ -64,6 +64,7 @@ def run_variant(variant: str, method: str, n: int, root: Path) -> dict:
             t = time.perf_counter()
             builder.build(r)
             times.append(time.perf_counter() - t)
+        extra = {k: round(v / 1e9, 2) for k, v in builder.memory_bytes().items()}
     elif variant == "disk":
         from transformers import AutoModelForCausalLM
 
@@ -97,7 +98,14 @@ def run_variant(variant: str, method: str, n: int, root: Path) -> dict:
                                                                     exclude_none=True))
             arch = get_architecture_info(config, options)
             out_config = _model_out_config(config, arch)
-            tasks = MergePlanner(config, arch, options, out_config).plan_in_memory()
+            planner = MergePlanner(config, arch, options, out_config)
+            try:
+                tasks = planner.plan_in_memory()
+            except TypeError:  # mergekit 0.1.5's validation of its own in-memory tasks fails
+                planner._plan()
+                tasks = [ReturnTensor.model_construct(weight_info=w, tensor_task=t,
+                                                      dtype=w.force_dtype or config.out_dtype)
+                         for w, t in planner._tensors]
             for task, value in Executor(tasks, math_device="cpu", storage_device="cpu").run(quiet=True):
                 assert isinstance(task, ReturnTensor)
                 params[task.weight_info.name].data.copy_(value)
@@ -107,7 +115,8 @@ def run_variant(variant: str, method: str, n: int, root: Path) -> dict:
     import resource
 
     return {"variant": variant, "method": method, "setup_s": setup, "times": times,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "memory_gb": locals().get("extra", {})}
 
 
 def bandwidth_gb_s() -> float:
@@ -162,6 +171,8 @@ def main() -> None:
         med = statistics.median(r["times"][1:] or r["times"])  # the first may pay warm-up
         per[(r["method"], r["variant"])] = med
         print(f"{r['method']:16s} {r['variant']:9s} {med:12.3f} {r['setup_s']:9.1f} {r['peak_rss_gb']:12.2f}")
+        if r.get("memory_gb"):
+            print(f"{'':26s} held by the builder (GB): {r['memory_gb']}")
     print()
     for method in args.methods.split(","):
         need = (1 + len(experts) + 1) * model_bytes  # read base + task vectors, write candidate
@@ -169,7 +180,8 @@ def main() -> None:
         b = per.get((method, "builder"))
         if b is None:
             continue
-        parts = [f"{method}: roofline {roof:.3f} s ({need / 1e9:.2f} GB moved); builder {b / roof:.1f}x roofline"]
+        parts = [f"{method}: roofline {roof:.3f} s ({need / 1e9:.2f} GB moved); "
+                 f"builder {b / roof:.1f}x roofline"]
         if (method, "disk") in per:
             parts.append(f"{per[(method, 'disk')] / b:.1f}x faster than disk")
         if (method, "mergekit") in per:

@@ -85,7 +85,7 @@ def rank_window_mask(
 
     Ranks count from the largest magnitude (rank 0); equal magnitudes are ranked by
     position, first first (a stable descending sort). ``sorted_mag`` — the flattened
-    magnitudes sorted descending, precomputed once per task vector — turns this into
+    magnitudes sorted ascending, precomputed once per task vector — turns this into
     look-ups and one or two comparison passes; without it two linear-time selections
     find the window's bounds. Both give the same mask. Masks are floats because mixing
     boolean and float tensors is several times slower than float arithmetic on CPUs.
@@ -95,11 +95,11 @@ def rank_window_mask(
     if count <= 0:
         return mask.zero_()
     mag = torch.abs(delta, out=ws.get("mag", delta))
-    if sorted_mag is not None:
-        hi, lo = sorted_mag[start], sorted_mag[start + count - 1]
+    if sorted_mag is not None:  # ascending: rank r (from the largest) sits at n - 1 - r
+        hi, lo = sorted_mag[n - 1 - start], sorted_mag[n - start - count]
         end = start + count
-        clean_low = end == n or bool(sorted_mag[end] < lo)
-        clean_high = start == 0 or bool(sorted_mag[start - 1] > hi)
+        clean_low = end == n or bool(sorted_mag[n - 1 - end] < lo)
+        clean_high = start == 0 or bool(sorted_mag[n - start] > hi)
     else:
         flat_mag = mag.view(-1)
         hi, lo = kth_largest(flat_mag, start + 1), kth_largest(flat_mag, start + count)
@@ -113,7 +113,10 @@ def rank_window_mask(
     scratch = ws.get("mask2", delta).view(-1)
     for value in (hi,) if bool(hi == lo) else (hi, lo):
         ties = torch.nonzero(torch.eq(flat_mag, value, out=scratch)).squeeze(1)
-        first_rank = int(torch.count_nonzero(torch.gt(flat_mag, value, out=scratch)))
+        if sorted_mag is not None:  # entries above ``value``: a binary search
+            first_rank = n - int(torch.searchsorted(sorted_mag, value, right=True))
+        else:
+            first_rank = int(torch.count_nonzero(torch.gt(flat_mag, value, out=scratch)))
         ranks = torch.arange(first_rank, first_rank + ties.numel(), device=ties.device)
         inside = (ranks >= start) & (ranks < start + count)
         flat[ties] = inside.to(flat.dtype)
@@ -171,8 +174,8 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescal
 
 
 def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """The precomputation that makes trimming at any density sort-free."""
-    return torch.sort(delta.abs().reshape(-1), descending=True).values
+    """The precomputation that makes trimming at any density sort-free (ascending)."""
+    return torch.sort(delta.abs().reshape(-1)).values
 
 
 def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator,

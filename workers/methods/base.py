@@ -73,7 +73,7 @@ class MergeInputs:
     are the other inputs in recipe order, with ``model_params`` resolved for each.
     All tensors are in the compute dtype. ``deltas`` and ``sorted_magnitudes`` may be supplied by a
     caller that precomputed them (task vectors, and each flattened task vector's
-    magnitudes sorted descending) so that a candidate costs no subtraction and no sort.
+    magnitudes sorted ascending) so that a candidate costs no subtraction and no sort.
     """
 
     name: str
