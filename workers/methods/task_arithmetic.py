@@ -82,17 +82,19 @@ class TaskVectorMethod(MergeMethod):
                 total = ws.get("votes", base).zero_()
                 for kept in weighted:
                     total.add_(torch.sign(kept, out=ws.get("part", base)))
-            torch.ge(total, 0, out=elected).mul_(2).sub_(1)
+            # ±1; a -0.0 total (all inputs zero there) elects -1, where nobody can agree
+            torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), total, out=elected)
+            if self.consensus == "count":
+                elected.masked_fill_(total == 0, 1)  # a tied vote elects +1
             out.zero_()
             divisor = ws.get("divisor", base).zero_()
             part = ws.get("part", base)
             agrees = ws.get("agrees", base)
             for w, kept in zip(weights, weighted):
-                # kept·elected > 0 exactly where kept is nonzero with the elected sign;
-                # relu keeps those, and multiplying by ±1 again restores kept exactly
-                torch.mul(kept, elected, out=part).relu_()
-                divisor.add_(torch.gt(part, 0, out=agrees), alpha=w)
-                out.add_(part.mul_(elected))
+                # kept·elected > 0 exactly where kept is nonzero with the elected sign
+                torch.gt(torch.mul(kept, elected, out=part), 0, out=agrees)
+                out.addcmul_(kept, agrees)  # kept × 1.0 or × 0.0: exact
+                divisor.add_(agrees, alpha=w)
             divisor.add_(torch.eq(divisor, 0, out=agrees))  # nobody agrees: divide by 1
         if g["normalize"]:
             out.div_(divisor)
