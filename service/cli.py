@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -68,6 +72,107 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    if args.database_url:
+        return args.database_url
+    from service.settings import get_settings
+
+    return str(get_settings().database_url)
+
+
+def _database_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a refused or failed database command in one line (password masked), not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from service.db.engine import redact_url
+
+        try:
+            return func(args)
+        except SQLAlchemyError as exc:  # e.g. a database that cannot be reached
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            print(f"error: database {redact_url(_database_url(args))}: {type(exc).__name__}: {reason}",
+                  file=sys.stderr)
+        except (ValueError, RuntimeError) as exc:  # MigrationError, TokenError, a bad URL or setting
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    return wrapper
+
+
+@_database_errors
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from service.db.engine import redact_url
+    from service.db.migrate import current, downgrade, upgrade
+
+    url = _database_url(args)
+    before = current(url)
+    after = downgrade(url, args.revision) if args.downgrade else upgrade(url, args.revision)
+    change = "already at" if before == after else f"{before or 'empty'} ->"
+    print(f"database {redact_url(url)}: {change} {after or 'base (no evomerge tables)'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _token_session(args: argparse.Namespace) -> Iterator[Any]:
+    """A session in a transaction on the migrated database (token commands upgrade it
+    first, which is idempotent, so `evomerge token create` works on a fresh machine)."""
+    from service.db.engine import make_engine, session_factory
+    from service.db.migrate import upgrade
+
+    url = _database_url(args)
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@_database_errors
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from service.db.tokens import create_token
+
+    with _token_session(args) as session:
+        token = create_token(session, args.name)
+    print(token)
+    print(f"(token {args.name!r} created; it cannot be shown again: store it now. "
+          "Send it as 'Authorization: Bearer <token>'.)", file=sys.stderr)
+    return 0
+
+
+@_database_errors
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    from service.db.tokens import list_tokens
+
+    with _token_session(args) as session:
+        tokens = list_tokens(session, include_revoked=args.all)
+        if not tokens:
+            print("no tokens" + ("" if args.all else " (--all shows revoked ones)"))
+        for t in tokens:
+            used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+            state = "revoked" if t.revoked else "active"
+            print(f"{t.name:24s} {state:8s} created {t.created_at:%Y-%m-%d %H:%M} UTC  last used {used}")
+    return 0
+
+
+@_database_errors
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    from service.db.tokens import revoke_token
+
+    with _token_session(args) as session:
+        n = revoke_token(session, args.name)
+    if n == 0:
+        print(f"error: no active token named {args.name!r} (`evomerge token list` shows them)",
+              file=sys.stderr)
+        return 1
+    print(f"revoked {n} token(s) named {args.name!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description="Evolutionary search for model-merge recipes."
@@ -96,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_zoo_build)
+
+    url_help = "database URL (default: EVOMERGE_DATABASE_URL, else sqlite under EVOMERGE_DATA_DIR)"
+    p = sub.add_parser("migrate", help="bring the database schema up to date (a one-shot deployment step)")
+    p.add_argument("--database-url", default=None, help=url_help)
+    p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--downgrade", action="store_true",
+                   help="go down to --revision instead (base: drop evomerge's tables; Optuna's stay)")
+    p.set_defaults(func=_cmd_migrate)
+
+    token = sub.add_parser("token", help="API tokens (needed when EVOMERGE_AUTH=true)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    p = token_sub.add_parser("create", help="create a token and print it (once)")
+    p.add_argument("name", help="a name for the token, e.g. the person or machine using it")
+    p.add_argument("--database-url", default=None, help=url_help)
+    p.set_defaults(func=_cmd_token_create)
+    p = token_sub.add_parser("list", help="list tokens (names and dates, never the secrets)")
+    p.add_argument("--all", action="store_true", help="include revoked tokens")
+    p.add_argument("--database-url", default=None, help=url_help)
+    p.set_defaults(func=_cmd_token_list)
+    p = token_sub.add_parser("revoke", help="revoke the active token(s) with this name")
+    p.add_argument("name")
+    p.add_argument("--database-url", default=None, help=url_help)
+    p.set_defaults(func=_cmd_token_revoke)
     return parser
 
 

@@ -170,3 +170,45 @@ def test_worker_spec_round_trips(n, family):
     base, experts = family("llama")
     spec = noop_spec(base, experts)
     assert WorkerSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_zoo_trial_scored_by_lm_eval_on_a_ray_worker(ray_local):
+    """The real path: a Ray actor builds a zoo merge in memory and lm-eval scores it;
+    the score equals the same recipe merged to disk and scored on the reloaded model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators import registry
+    from workers.merge import merge
+    from workers.zoo.build import build_zoo
+
+    zoo = build_zoo(log=None)
+    base, experts = zoo.models["base"], [zoo.models["math"], zoo.models["language"]]
+    evaluation = EvaluationSpec(
+        evaluator="lm_eval",
+        objectives=[ObjectiveSpec(task="zoo_xl_add", metric="exact_match", limit=60)],
+        options={"task_dirs": ["evomerge:zoo"]},
+    )
+    spec = WorkerSpec(sources=[str(e) for e in experts], base_model=str(base), evaluation=evaluation)
+    recipe = Recipe.from_dict({
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": str(experts[0]), "parameters": {"weight": 1.0}},
+                   {"model": str(experts[1]), "parameters": {"weight": 1.5}}],
+    })
+    pool = WorkerPool(spec, n=1)
+    try:
+        pool.submit(1, recipe)
+        (result,) = pool.wait()
+    finally:
+        pool.shutdown()
+    assert result.state == "complete", result.error
+    assert result.timings.forward_s > 0 and result.scores
+    score = result.scores["zoo_xl_add/exact_match"]
+    assert score > 0.05  # this merge already does some of the target
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        merge(recipe, f"{tmp}/m")
+        model = AutoModelForCausalLM.from_pretrained(f"{tmp}/m").eval()
+        evaluator = registry.create(registry.validate_spec(evaluation))
+        again = evaluator.evaluate(model, AutoTokenizer.from_pretrained(f"{tmp}/m"))
+    assert again.scores["zoo_xl_add/exact_match"] == score

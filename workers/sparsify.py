@@ -102,16 +102,18 @@ def rank_window_mask(
         clean_high = start == 0 or bool(sorted_mag[n - start] > hi)
     else:
         flat_mag = mag.view(-1)
-        hi, lo = kth_largest(flat_mag, start + 1), kth_largest(flat_mag, start + count)
+        lo = kth_largest(flat_mag, start + count)
+        hi = kth_largest(flat_mag, start + 1) if start > 0 else lo
         clean_low = clean_high = False
     torch.ge(mag, lo, out=mask)
     if start > 0:
         mask.mul_(torch.le(mag, hi, out=ws.get("mask2", delta)))
-    if clean_low and clean_high:  # no run of equal magnitudes crosses the window's edges
-        return mask
+    if (clean_low and clean_high) or int(torch.count_nonzero(mask)) == count:
+        return mask  # no run of equal magnitudes crosses the window's edges
     flat, flat_mag = mask.view(-1), mag.view(-1)
     scratch = ws.get("mask2", delta).view(-1)
-    for value in (hi,) if bool(hi == lo) else (hi, lo):
+    edges = [lo] if start == 0 else ([hi] if bool(hi == lo) else [hi, lo])
+    for value in edges:
         ties = torch.nonzero(torch.eq(flat_mag, value, out=scratch)).squeeze(1)
         if sorted_mag is not None:  # entries above ``value``: a binary search
             first_rank = n - int(torch.searchsorted(sorted_mag, value, right=True))
@@ -215,6 +217,7 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generato
             f"della needs 0 < density - epsilon and density + epsilon < 1; got density "
             f"{density}, epsilon {epsilon}: lower epsilon or move density away from 0 and 1"
         )
+    before = delta.abs().sum() if rescale == "l1" else None  # before ``out`` (maybe ``delta``) changes
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
     ncols = rows.shape[1]
@@ -226,6 +229,6 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, generato
     if rescale == "inverse_density":
         return out.copy_((kept_rows / probs).reshape(delta.shape))
     out.copy_(kept_rows.reshape(delta.shape))
-    if rescale == "l1":
-        return _l1_rescale_(delta.abs().sum(), out, ws)
+    if before is not None:
+        return _l1_rescale_(before, out, ws)
     return out

@@ -56,7 +56,8 @@ class TaskVectorMethod(MergeMethod):
         # weighted, sparsified task vectors, each in a buffer of its own
         weighted = []
         for i, (delta, params) in enumerate(zip(inputs.task_vectors(), inputs.model_params)):
-            buf = ws.get(f"kept{i}", delta)
+            # an owned task vector (freshly read by the engine) is its own buffer
+            buf = delta if inputs.owned else ws.get(f"kept{i}", delta)
             if self.sparsification is None:
                 weighted.append(torch.mul(delta, weights[i], out=buf))
             else:
