@@ -1,0 +1,330 @@
+"""What a model folder holds, from its headers alone (no torch, no weights read).
+
+A study is validated before any compute: the service must know each model's
+architecture, layer count and tensor shapes without loading it. ``config.json`` and the
+safetensors headers (an 8-byte little-endian length, then a JSON table of tensor name ->
+dtype, shape, byte offsets) say all of it; reading them costs a few kilobytes per file.
+
+Folders holding only ``pytorch_model.bin`` are refused: a pickle has no header, so its
+shapes cannot be known without loading (and unpickling) the whole file. The error says
+how to convert. Hub models are read from the local Hugging Face cache, or, when the hub
+is reachable, from ``config.json`` and the safetensors headers fetched by range requests
+(``huggingface_hub.get_safetensors_metadata``): no weights are downloaded.
+
+The layer detection mirrors ``workers.architecture`` (which the service must not import:
+``workers`` is the torch side); keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_HEADER_BYTES = 100_000_000
+LAYER_RE = re.compile(r"^(?P<prefix>(?:[\w.]*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+class ModelFormatError(ValueError):
+    """A model that cannot be used: ``msg`` says what is wrong, ``fix`` how to fix it."""
+
+    def __init__(self, msg: str, fix: str, kind: str = "model_unreadable") -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.fix = fix
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, …
+
+
+@dataclass
+class ModelHeaders:
+    """A model as its headers describe it."""
+
+    ref: str
+    path: Path | None  # the local folder (None: read from the hub without a local copy)
+    config: dict[str, Any]
+    tensors: dict[str, TensorHeader]
+    files: list[Path] = field(default_factory=list)  # every local file read (for root checks)
+
+    # ---- from config.json ----------------------------------------------------------
+    def _cfg(self, *keys: str) -> Any:
+        for cfg in (self.config, self.config.get("text_config") or {}):
+            for key in keys:
+                if isinstance(cfg, dict) and cfg.get(key) is not None:
+                    return cfg[key]
+        return None
+
+    @property
+    def model_type(self) -> str:
+        return str(self._cfg("model_type") or "unknown")
+
+    @property
+    def hidden_size(self) -> int | None:
+        value = self._cfg("hidden_size", "n_embd", "d_model")
+        return int(value) if value is not None else None
+
+    @property
+    def config_layers(self) -> int | None:
+        value = self._cfg("num_hidden_layers", "n_layer", "num_layers")
+        return int(value) if value is not None else None
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    @property
+    def has_remote_code(self) -> bool:
+        return bool(self.config.get("auto_map"))
+
+    @property
+    def has_tokenizer(self) -> bool | None:
+        """Whether the folder has tokenizer files (None: unknown, no local folder)."""
+        if self.path is None:
+            return None
+        return any((self.path / name).is_file() for name in TOKENIZER_FILES)
+
+    # ---- from the tensor names -----------------------------------------------------
+    def layers(self) -> tuple[str, dict[int, dict[str, TensorHeader]]]:
+        """The decoder stack: its name prefix and layer index -> suffix -> header."""
+        stacks: dict[str, dict[int, dict[str, TensorHeader]]] = {}
+        for name, header in self.tensors.items():
+            m = LAYER_RE.match(name)
+            if m:
+                stacks.setdefault(m["prefix"], {}).setdefault(int(m["idx"]), {})[m["rest"]] = header
+        if not stacks:
+            raise ModelFormatError(
+                f"model {self.ref!r} has no decoder layers (no tensor names like 'model.layers.0.…' "
+                "or 'transformer.h.0.…')",
+                "give a decoder-only causal language model folder",
+                "model_unsupported",
+            )
+        prefix = max(stacks, key=lambda p: len(stacks[p]))
+        return prefix, stacks[prefix]
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers, as the merge engine counts them (from the tensor names)."""
+        return len(self.layers()[1])
+
+    def layer_tensors(self) -> dict[str, TensorHeader]:
+        """Suffix -> header of layer 0 (every layer has the same structure)."""
+        return dict(self.layers()[1].get(0, {}))
+
+    def comparable_tensors(self) -> dict[str, TensorHeader]:
+        """Every tensor, with a tied head made explicit (the engine reads it from the embedding)."""
+        out = dict(self.tensors)
+        if self.tie_word_embeddings and not any(n.endswith(HEAD_NAMES) for n in out):
+            embed = next((n for n in out if n.endswith(EMBED_NAMES)), None)
+            if embed is not None:
+                out["lm_head.weight"] = out[embed]
+        return out
+
+    def check_structure(self) -> None:
+        """Refuse what the engine would refuse: gaps in the layers, layers that differ,
+        a config whose layer count disagrees with the weights."""
+        prefix, layers = self.layers()
+        n = len(layers)
+        if sorted(layers) != list(range(n)):
+            raise ModelFormatError(
+                f"model {self.ref!r}: the layer indices under {prefix!r} are not 0..{n - 1}",
+                "the weights are incomplete: re-save or re-download the model",
+                "model_unsupported",
+            )
+        first = layers[0]
+        for i in range(1, n):
+            if set(layers[i]) != set(first):
+                diff = sorted(set(first) ^ set(layers[i]))[:4]
+                raise ModelFormatError(
+                    f"model {self.ref!r}: layer {i} has other tensors than layer 0 ({', '.join(diff)})",
+                    "evomerge merges models whose layers all have one structure",
+                    "model_unsupported",
+                )
+        if self.config_layers is not None and self.config_layers != n:
+            raise ModelFormatError(
+                f"model {self.ref!r}: config.json says {self.config_layers} layers, the weights hold {n}",
+                "fix num_hidden_layers in config.json, or re-save the model",
+                "model_unreadable",
+            )
+
+
+# ---- safetensors -------------------------------------------------------------------
+def read_safetensors_header(path: Path) -> dict[str, TensorHeader]:
+    """Tensor name -> header of one safetensors file; checks that the data is all there."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than 8 bytes")
+            (size,) = struct.unpack("<Q", raw)
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        out: dict[str, TensorHeader] = {}
+        data_end = 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            shape = tuple(int(d) for d in meta["shape"])
+            dtype = str(meta["dtype"])
+            start, end = (int(x) for x in meta["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
+                raise ValueError(f"tensor {name} has {end - start} bytes for shape {list(shape)} {dtype}")
+            out[name] = TensorHeader(shape, dtype)
+            data_end = max(data_end, end)
+        actual = path.stat().st_size
+        if actual < 8 + size + data_end:
+            raise ValueError(f"truncated: {actual} bytes, the header promises {8 + size + data_end}")
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelFormatError(
+            f"{path.name} is not a readable safetensors file ({err})",
+            "re-download or re-save the model (transformers' save_pretrained writes safetensors)",
+        ) from None
+
+
+def _weight_files(folder: Path, ref: str) -> tuple[list[Path], Path | None]:
+    """The safetensors files of a folder (and its index, if sharded)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelFormatError(
+                f"model {ref!r}: {index.name} is not a valid index ({err})",
+                "re-save the model, or remove the broken index",
+            ) from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelFormatError(
+                f"model {ref!r}: shards {missing[:3]} named in {index.name} are missing",
+                "the download is incomplete: download the model again",
+            )
+        return [folder / n for n in names], index
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], None
+    shards = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if shards:
+        return shards, None
+    if list(folder.glob("pytorch_model*.bin")) or (folder / "pytorch_model.bin.index.json").exists():
+        raise ModelFormatError(
+            f"model {ref!r} has only PyTorch pickle weights (pytorch_model.bin): their shapes cannot be "
+            "checked without loading the whole file",
+            "convert it to safetensors once: `AutoModelForCausalLM.from_pretrained(path)"
+            ".save_pretrained(out)` (transformers writes model.safetensors), or `evomerge merge` a "
+            "passthrough recipe of all its layers into a new folder",
+            "model_bin_only",
+        )
+    raise ModelFormatError(
+        f"model {ref!r} has no weights: expected model.safetensors or sharded safetensors with "
+        "model.safetensors.index.json",
+        "point to the folder that holds the model's config.json and safetensors files",
+        "model_no_weights",
+    )
+
+
+def read_model_folder(folder: Path, ref: str | None = None) -> ModelHeaders:
+    """Read a local model folder's config and safetensors headers."""
+    ref = ref or str(folder)
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "not found"
+        raise ModelFormatError(f"model {ref!r} is {what}",
+                               "give the folder that holds config.json and the weights",
+                               "model_not_found")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise ModelFormatError(
+                f"model {ref!r} is a PEFT adapter (adapter_config.json), not a model",
+                "merge the adapter into its base model first (peft's merge_and_unload), then save it",
+                "model_no_config",
+            )
+        raise ModelFormatError(f"model {ref!r} has no config.json",
+                               "give the folder that holds config.json and the weights",
+                               "model_no_config")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise ModelFormatError(f"model {ref!r}: config.json is not valid JSON ({err})",
+                               "repair or re-save config.json") from None
+    files, index = _weight_files(folder, ref)
+    tensors: dict[str, TensorHeader] = {}
+    for f in files:
+        tensors.update(read_safetensors_header(f))
+    if not tensors:
+        raise ModelFormatError(f"model {ref!r} has safetensors files without tensors",
+                               "re-save the model", "model_no_weights")
+    read = [config_path, *files, *([index] if index else [])]
+    headers = ModelHeaders(ref=ref, path=folder, config=config, tensors=tensors, files=read)
+    headers.check_structure()
+    return headers
+
+
+# ---- the hub -----------------------------------------------------------------------
+def hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_hub_model(repo_id: str, *, revision: str | None = None,
+                   cache_dir: str | Path | None = None) -> ModelHeaders:
+    """Headers of a hub model: from the local cache, else (online) by range requests."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                  allow_patterns=HUB_PATTERNS, local_files_only=True)
+        return read_model_folder(Path(str(local)), ref=repo_id)
+    except ModelFormatError as err:
+        if err.kind == "model_no_config" or hub_offline():
+            raise
+    except Exception:  # not cached: the hub client raises several types
+        if hub_offline():
+            raise ModelFormatError(
+                f"hub model {repo_id!r} is not in the local Hugging Face cache, and the hub is offline "
+                "(HF_HUB_OFFLINE=1)",
+                f"download it on this machine first (`hf download {repo_id}`), or copy it into a "
+                "model root and give its path",
+                "model_not_found",
+            ) from None
+    try:
+        config_path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir)
+        config = json.loads(Path(config_path).read_text())
+        meta = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as err:  # not found, gated, not safetensors, network: all refuse the same way
+        raise ModelFormatError(
+            f"hub model {repo_id!r} cannot be read ({type(err).__name__}: {err})",
+            "check the id (and access to gated models); models without safetensors weights must be "
+            "converted first",
+            "model_not_found",
+        ) from None
+    tensors = {
+        name: TensorHeader(tuple(int(d) for d in info.shape), str(info.dtype))
+        for file_meta in meta.files_metadata.values()
+        for name, info in file_meta.tensors.items()
+    }
+    headers = ModelHeaders(ref=repo_id, path=None, config=config, tensors=tensors)
+    headers.check_structure()
+    return headers
