@@ -43,6 +43,14 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model reference that is neither a readable folder nor a resolvable hub id."""
 
@@ -57,10 +65,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def looks_like_hub_id(ref: str) -> bool:

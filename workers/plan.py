@@ -16,7 +16,7 @@ from search_spaces.recipe import ModelEntry, Recipe, Slice, SliceSource
 from workers import methods, params
 from workers.architecture import ModelLayout, find_layout, layer_count_keys
 from workers.methods.base import MergeError, MergeMethod
-from workers.model_io import LazyModel, dtype_from_name
+from workers.model_io import LazyModel, dtype_from_name, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,7 @@ class TensorTask:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass

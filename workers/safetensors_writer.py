@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import torch
 
+from workers.model_io import tensor_nbytes
+
 DTYPE_NAMES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -51,10 +53,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 class ShardedWriter:
