@@ -173,6 +173,216 @@ def _cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ---- client commands (they talk to a running server over HTTP) -----------------------------------
+def _client(args: argparse.Namespace) -> Any:
+    from service.api.client import Client
+
+    return Client(args.url, args.token)
+
+
+def _api_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print the API's refusal (a 422's problems one a line) instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from service.api.client import ApiError
+
+        try:
+            return func(args)
+        except ApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _budget(study: dict[str, Any]) -> str:
+    parts = []
+    if study.get("max_trials") is not None:
+        parts.append(f"{study['trials_done']}/{study['max_trials']} trials")
+    else:
+        parts.append(f"{study['trials_done']} trials")
+    if study.get("max_seconds") is not None:
+        parts.append(f"{study['elapsed_seconds']:.0f}/{study['max_seconds']:.0f} s")
+    return ", ".join(parts)
+
+
+@_api_errors
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from service.api.client import spec_body
+
+    try:
+        body, content_type = spec_body(args.spec)
+    except OSError as exc:
+        print(f"error: cannot read the spec {args.spec}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        study = client.submit(body, content_type)
+        print(study["id"])
+        for warning in study.get("warnings") or []:
+            print(f"warning: {warning}", file=sys.stderr)
+        if not args.watch:
+            print(f"(study {study['name']!r} queued; follow it with `evomerge status {study['id']}` "
+                  f"or `evomerge submit --watch`)", file=sys.stderr)
+            return 0
+        return _watch(client, study)
+
+
+def _watch(client: Any, study: dict[str, Any]) -> int:
+    """Follow the study's event stream with a progress bar until it ends; 0 if it completed."""
+    from tqdm import tqdm
+
+    bar = None
+    last = study
+    try:
+        for kind, data in client.events(study["id"]):
+            if kind not in ("progress", "end") or "trials_done" not in data:
+                continue
+            last = {**last, **data}
+            if bar is None:
+                bar = tqdm(total=last.get("max_trials"), initial=last["trials_done"], unit="trial",
+                           desc=study["id"], file=sys.stderr, dynamic_ncols=True)
+            bar.n = last["trials_done"]
+            postfix = {"best": _fmt(last.get("best_value")), "status": last["status"]}
+            if last.get("max_seconds") is not None:
+                postfix["time left"] = f"{max(0.0, last['max_seconds'] - last['elapsed_seconds']):.0f}s"
+            bar.set_postfix(postfix, refresh=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    final = client.study(study["id"]) if last.get("status") != "deleted" else last
+    at = f" (trial {final['best_trial_number']})" if final.get("best_trial_number") is not None else ""
+    print(f"study {study['id']} {final['status']}: {_budget(final)}, "
+          f"best fitness {_fmt(final.get('best_value'))}{at}")
+    if final.get("error"):
+        print(f"error: {final['error']}", file=sys.stderr)
+    return 0 if final["status"] == "completed" else 1
+
+
+@_api_errors
+def _cmd_studies(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.studies(status=args.status, owner=args.owner, name=args.name, limit=args.limit,
+                              offset=args.offset)
+    if not page["items"]:
+        print("no studies")
+        return 0
+    print(f"{'ID':12s}  {'STATUS':9s}  {'PROGRESS':24s}  {'BEST':>8s}  {'OWNER':10s}  NAME")
+    for s in page["items"]:
+        print(f"{s['id']:12s}  {s['status']:9s}  {_budget(s):24s}  {_fmt(s['best_value']):>8s}  "
+              f"{(s['owner'] or '-'):10s}  {s['name']}")
+    shown = page["offset"] + len(page["items"])
+    if shown < page["total"]:
+        print(f"({shown} of {page['total']}; --offset {shown} shows more)")
+    return 0
+
+
+@_api_errors
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        s = client.study(args.id)
+        best = client.best(args.id)
+    print(f"study   {s['id']}  {s['name']!r}")
+    print(f"status  {s['status']}  (owner {s['owner'] or '-'}, created {s['created_at']})")
+    print(f"budget  {_budget(s)}, {s['trials_failed']} failed")
+    if best is not None:
+        print(f"best    trial {best['number']}: fitness {_fmt(best['fitness'])}  scores {best['scores']}")
+    else:
+        print("best    no complete trial yet")
+    if s.get("error"):
+        print(f"error   {s['error']}")
+    for warning in s.get("warnings") or []:
+        print(f"warning {warning}")
+    return 0
+
+
+@_api_errors
+def _cmd_action(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        study = client.action(args.id, args.action)
+    print(f"study {study['id']} is {study['status']}")
+    return 0
+
+
+@_api_errors
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete(args.id)
+    print(f"study {args.id} deleted")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.settings import SettingsError, get_settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = get_settings(**overrides).check()
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(settings, start_controller=not args.no_controller), host=settings.host,
+                port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="the server (default: EVOMERGE_URL, else http://127.0.0.1:8765)")
+    p.add_argument("--token", default=None, help="API token (default: EVOMERGE_TOKEN)")
+
+
+def _add_client_commands(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the API server (and the study controller)")
+    p.add_argument("--host", default=None, help="address to bind (default: EVOMERGE_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: EVOMERGE_PORT, else 8765)")
+    p.add_argument("--no-controller", action="store_true",
+                   help="serve the API only (another process runs studies)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("submit", help="submit a study spec (YAML or JSON) and print its id")
+    p.add_argument("spec", help="the study spec file (docs/study-spec.md)")
+    p.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
+    _client_options(p)
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("studies", help="list studies, newest first")
+    p.add_argument("--status", default=None,
+                   help="only this status (queued, running, paused, completed, ...)")
+    p.add_argument("--owner", default=None, help="only studies of this token name")
+    p.add_argument("--name", default=None, help="only names containing this")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    _client_options(p)
+    p.set_defaults(func=_cmd_studies)
+
+    p = sub.add_parser("status", help="a study's status, progress and best trial")
+    p.add_argument("id")
+    _client_options(p)
+    p.set_defaults(func=_cmd_status)
+
+    for action, text in (("pause", "pause a study (running trials finish)"),
+                         ("resume", "resume a paused study"), ("cancel", "cancel a study (final)")):
+        p = sub.add_parser(action, help=text)
+        p.add_argument("id")
+        _client_options(p)
+        p.set_defaults(func=_cmd_action, action=action)
+
+    p = sub.add_parser("delete", help="delete a study that is not running, with its trials")
+    p.add_argument("id")
+    _client_options(p)
+    p.set_defaults(func=_cmd_delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description="Evolutionary search for model-merge recipes."
@@ -224,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--database-url", default=None, help=url_help)
     p.set_defaults(func=_cmd_token_revoke)
+
+    _add_client_commands(sub)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""Response models of the REST API: what the OpenAPI schema promises, exactly."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.db.models import Study, StudyStatus, Trial, TrialState
+from service.spec import Problem
+
+T = TypeVar("T")
+
+_NOW = "2026-01-01T12:00:00Z"
+
+
+class ErrorOut(BaseModel):
+    """An error that is not about the study spec: ``detail`` says what is wrong and what to do."""
+
+    detail: str = Field(examples=["no study 'a1b2c3d4e5f6' (GET /studies lists them)"])
+
+
+class ProblemsOut(BaseModel):
+    """A refused study spec (422): every problem, each with where, what and how to fix it."""
+
+    detail: list[Problem]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": [{
+        "loc": ["sources", 1], "type": "model_not_found",
+        "msg": "model 'v1-seed0/lang' not found under the allowed roots (/models). Close matches: language.",
+        "fix": "give its path relative to a root, or its absolute path inside one"}]}]})
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str = Field(examples=["0.1.0"])
+    database: str = Field(description="the database backend", examples=["sqlite", "postgresql"])
+    auth: bool = Field(description="whether requests need a bearer token")
+
+
+class StudyOut(BaseModel):
+    """A study: its status and progress. ``spec`` is the spec as submitted."""
+
+    id: str = Field(examples=["a1b2c3d4e5f6"])
+    name: str = Field(examples=["zoo: xl addition by per-layer TIES"])
+    status: StudyStatus
+    owner: Union[str, None] = Field(
+        description="the name of the token that submitted it ('local' without auth)")
+    created_at: datetime
+    updated_at: datetime
+    trials_done: int = Field(description="complete trials")
+    trials_failed: int
+    max_trials: Union[int, None] = Field(description="the budget's max_trials (None: time budget only)")
+    max_seconds: Union[float, None] = Field(description="the budget's max_seconds")
+    elapsed_seconds: float
+    best_trial_number: Union[int, None]
+    best_value: Union[float, None] = Field(description="the best fitness so far (higher is better)")
+    error: Union[str, None] = Field(description="why the study failed")
+    warnings: list[str] = Field(default_factory=list, description="accepted at submission, but worth a look")
+    spec: dict[str, Any] = Field(description="the study spec as submitted (docs/study-spec.md)")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "a1b2c3d4e5f6", "name": "zoo: xl addition by per-layer TIES", "status": "running",
+        "owner": "alice", "created_at": _NOW, "updated_at": _NOW, "trials_done": 42, "trials_failed": 0,
+        "max_trials": 300, "max_seconds": 3600.0, "elapsed_seconds": 512.3, "best_trial_number": 37,
+        "best_value": 0.61, "error": None, "warnings": [],
+        "spec": {"name": "zoo: xl addition by per-layer TIES", "budget": {"max_trials": 300}}}]})
+
+    @classmethod
+    def of(cls, study: Study) -> StudyOut:
+        stored = study.spec if isinstance(study.spec, dict) else {}
+        spec = stored.get("spec") if isinstance(stored.get("spec"), dict) else stored
+        budget = spec.get("budget") or {}
+        return cls(
+            id=study.id, name=study.name, status=study.status, owner=study.owner,
+            created_at=study.created_at, updated_at=study.updated_at,
+            trials_done=study.trials_done or 0, trials_failed=study.trials_failed or 0,
+            max_trials=budget.get("max_trials"), max_seconds=budget.get("max_seconds"),
+            elapsed_seconds=study.elapsed_seconds or 0.0, best_trial_number=study.best_trial_number,
+            best_value=study.best_value, error=study.error,
+            warnings=list(stored.get("warnings") or []), spec=spec,
+        )
+
+
+class TrialOut(BaseModel):
+    """One candidate: its point, recipe, scores and fitness."""
+
+    number: int = Field(examples=[37])
+    state: TrialState
+    params: Union[dict[str, Any], list[Any], None] = Field(description="the optimizer's point")
+    recipe: Union[dict[str, Any], None] = Field(description="the merge recipe (docs/recipe-format.md)")
+    scores: Union[dict[str, Any], None] = Field(description="objective key -> score")
+    metrics: Union[dict[str, Any], None]
+    values: Union[list[Any], dict[str, Any], None] = Field(
+        description="the fitness values told to the optimizer")
+    fitness: Union[float, None] = Field(description="higher is better")
+    failure_reason: Union[str, None]
+    attempts: int
+    timings: Union[dict[str, Any], None]
+    worker: Union[str, None]
+    created_at: datetime
+    started_at: Union[datetime, None]
+    finished_at: Union[datetime, None]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "number": 37, "state": "complete", "params": {"x0": 0.3}, "recipe": {"merge_method": "ties"},
+        "scores": {"zoo_xl_add/exact_match": 0.61}, "metrics": None, "values": [0.61], "fitness": 0.61,
+        "failure_reason": None, "attempts": 1, "timings": {"eval_s": 3.2}, "worker": "worker-0",
+        "created_at": _NOW, "started_at": _NOW, "finished_at": _NOW}]})
+
+    @classmethod
+    def of(cls, trial: Trial) -> TrialOut:
+        return cls(
+            number=trial.number, state=trial.state, params=trial.params, recipe=trial.recipe,
+            scores=trial.scores, metrics=trial.metrics, values=trial.values, fitness=trial.fitness,
+            failure_reason=trial.failure_reason, attempts=trial.attempts or 0, timings=trial.timings,
+            worker=trial.worker, created_at=trial.created_at, started_at=trial.started_at,
+            finished_at=trial.finished_at,
+        )
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list: ``items`` from ``offset``, ``total`` matching in all."""
+
+    items: list[T]
+    total: int = Field(examples=[1])
+    limit: int = Field(examples=[50])
+    offset: int = Field(examples=[0])

@@ -1,0 +1,271 @@
+"""Study routes: submit, list, inspect, pause / resume / cancel, delete.
+
+The REST layer never talks to workers: it validates and stores a study (status
+``queued``) and changes statuses; the controller (``service.controller``) does the rest.
+Status changes are conditional UPDATEs (``... WHERE status IN (...)``), so a request
+racing the controller can never move a study along an invalid transition.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from service.api.deps import AppState, app_state, caller
+from service.api.schemas import ErrorOut, Page, ProblemsOut, StudyOut, TrialOut
+from service.db.models import Event, Study, StudyStatus, Trial, TrialState
+from service.db.types import utcnow
+from service.spec import StudySpec, StudyValidationError
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+StudyId = Annotated[str, Path(description="the study's id (from POST /studies)", max_length=36,
+                              examples=["a1b2c3d4e5f6"])]
+_E401 = {401: {"model": ErrorOut, "description": "no or an invalid bearer token (when auth is on)"}}
+_E404 = {404: {"model": ErrorOut, "description": "no such study"}}
+_E409 = {409: {"model": ErrorOut, "description": "the study's status does not allow this"}}
+
+SPEC_TYPES = ("application/json", "application/yaml", "text/yaml", "application/x-yaml")
+_YAML_EXAMPLE = """name: "zoo: xl addition by per-layer TIES"
+sources: [v1-seed0/math, v1-seed0/language]
+base_model: v1-seed0/base
+space: {kind: parameter, method: ties, granularity: 1}
+evaluation:
+  objectives: [{task: zoo_xl_add, metric: exact_match, limit: 200}]
+  options: {task_dirs: ["evomerge:zoo"]}
+budget: {max_trials: 300}
+"""
+
+# (from-statuses, to-status, event kind) of each action
+TRANSITIONS: dict[str, tuple[tuple[StudyStatus, ...], StudyStatus, str]] = {
+    "pause": ((StudyStatus.QUEUED, StudyStatus.RUNNING), StudyStatus.PAUSED, "study_paused"),
+    # running: the controller continues it where it stopped (it also opens a running study it
+    # does not hold yet, e.g. after a restart, or one paused before it started)
+    "resume": ((StudyStatus.PAUSED,), StudyStatus.RUNNING, "study_resumed"),
+    # the controller cancels the running trials and then writes its own `study_cancelled`
+    "cancel": ((StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.PAUSED), StudyStatus.CANCELLED,
+               "study_cancel_requested"),
+}
+
+
+def _get_study(session: Session, study_id: str) -> Study:
+    study = session.get(Study, study_id)
+    if study is None:
+        raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
+    return study
+
+
+# ---- submit ------------------------------------------------------------------------------
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, _too_large(int(declared), limit))
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(413, _too_large(len(body), limit, at_least=True))
+    return bytes(body)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+    return (f"the request body is {'more than ' if at_least else ''}{size} bytes; this server accepts "
+            f"at most {limit} (EVOMERGE_MAX_BODY_BYTES): a study spec names its models, "
+            "it does not carry them")
+
+
+def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
+    """Validate (reads model headers: blocking) and store a study; runs in a threadpool."""
+    from service.validation import validate_study  # imports the evaluator registry lazily
+
+    try:
+        validated = validate_study(StudySpec.from_text(body), state.settings)
+    except StudyValidationError as err:
+        raise HTTPException(422, err.detail()) from None
+    stored = validated.model_dump(mode="json")
+    with state.sessions.begin() as session:
+        study = Study(name=validated.spec.name, spec=stored, status=StudyStatus.QUEUED, owner=owner)
+        session.add(study)
+        session.flush()
+        study.optuna_study_name = f"evomerge-{study.id}"
+        session.add(Event(study_id=study.id, kind="study_submitted",
+                          data={"status": "queued", "owner": owner, "name": study.name}))
+        session.flush()
+        return StudyOut.of(study)
+
+
+@router.post(
+    "", status_code=201, response_model=StudyOut, summary="Submit a study",
+    responses={413: {"model": ErrorOut, "description": "the body exceeds EVOMERGE_MAX_BODY_BYTES"},
+               415: {"model": ErrorOut, "description": "the body is neither JSON nor YAML"},
+               422: {"model": ProblemsOut, "description": "the spec cannot run: every problem, with its fix"},
+               **_E401},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/StudySpec"}},
+        "application/yaml": {"schema": {"type": "string"}, "example": _YAML_EXAMPLE},
+    }}},
+)
+async def submit_study(request: Request, state: AppState = Depends(app_state),
+                       owner: str = Depends(caller)) -> StudyOut:
+    """Validate a study spec (docs/study-spec.md) as JSON or YAML and queue it.
+
+    Everything is checked before any compute: a refused spec gets a 422 whose `detail`
+    lists every problem with `loc`, `msg` and `fix`.
+    """
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind and kind not in SPEC_TYPES:
+        raise HTTPException(415, f"a study spec is sent as JSON (application/json) or YAML "
+                                 f"(application/yaml), not {kind!r}")
+    body = await _read_body(request, state.settings.max_body_bytes)
+    return await run_in_threadpool(_create, state, body, owner)
+
+
+# ---- read --------------------------------------------------------------------------------
+@router.get("", response_model=Page[StudyOut], summary="List studies", responses=_E401)
+def list_studies(
+    state: AppState = Depends(app_state), _: str = Depends(caller),
+    status: Union[StudyStatus, None] = Query(None, description="only studies in this status"),
+    owner: Union[str, None] = Query(None, max_length=200, description="only studies of this token name"),
+    name: Union[str, None] = Query(None, max_length=200, description="only names containing this"),
+    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1),
+) -> Page[StudyOut]:
+    """Studies, newest first."""
+    query = select(Study)
+    if status is not None:
+        query = query.where(Study.status == status)
+    if owner is not None:
+        query = query.where(Study.owner == owner)
+    if name:
+        escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Study.name.like(f"%{escaped}%", escape="\\"))
+    with state.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset))
+        return Page[StudyOut](items=[StudyOut.of(s) for s in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{study_id}", response_model=StudyOut, summary="One study", responses={**_E401, **_E404})
+def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> StudyOut:
+    with state.sessions() as session:
+        return StudyOut.of(_get_study(session, study_id))
+
+
+TrialSort = Literal["number", "-number", "fitness", "-fitness", "finished_at", "-finished_at"]
+_SORTS: dict[str, Any] = {
+    "number": Trial.number.asc(), "-number": Trial.number.desc(),
+    "fitness": Trial.fitness.asc().nulls_last(), "-fitness": Trial.fitness.desc().nulls_last(),
+    "finished_at": Trial.finished_at.asc().nulls_last(),
+    "-finished_at": Trial.finished_at.desc().nulls_last(),
+}
+
+
+@router.get("/{study_id}/trials", response_model=Page[TrialOut], summary="A study's trials",
+            responses={**_E401, **_E404})
+def list_trials(
+    study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller),
+    sort: TrialSort = Query("number", description="a field, '-' first for descending; nulls last"),
+    trial_state: Union[TrialState, None] = Query(None, alias="state",
+                                                 description="only trials in this state"),
+    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1),
+) -> Page[TrialOut]:
+    with state.sessions() as session:
+        _get_study(session, study_id)
+        query = select(Trial).where(Trial.study_id == study_id)
+        if trial_state is not None:
+            query = query.where(Trial.state == trial_state)
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(_SORTS[sort], Trial.number).limit(limit).offset(offset))
+        return Page[TrialOut](items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{study_id}/trials/{number}", response_model=TrialOut, summary="One trial",
+            responses={**_E401, 404: {"model": ErrorOut, "description": "no such study or trial"}})
+def get_trial(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples=[1]),
+              state: AppState = Depends(app_state), _: str = Depends(caller)) -> TrialOut:
+    with state.sessions() as session:
+        _get_study(session, study_id)
+        trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number))
+        if trial is None:
+            raise HTTPException(404, f"study {study_id!r} has no trial {number} "
+                                     f"(GET /studies/{study_id}/trials lists them)")
+        return TrialOut.of(trial)
+
+
+@router.get("/{study_id}/best", response_model=TrialOut, summary="The best complete trial",
+            responses={**_E401, 404: {"model": ErrorOut,
+                                      "description": "no such study, or no complete trial yet"}})
+def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> TrialOut:
+    """The study's best trial (the controller's pick), else the complete trial of highest fitness."""
+    with state.sessions() as session:
+        study = _get_study(session, study_id)
+        complete = select(Trial).where(Trial.study_id == study_id, Trial.state == TrialState.COMPLETE)
+        trial = None
+        if study.best_trial_number is not None:
+            trial = session.scalar(complete.where(Trial.number == study.best_trial_number))
+        if trial is None:
+            best_first = complete.order_by(Trial.fitness.desc().nulls_last(), Trial.number)
+            trial = session.scalar(best_first.limit(1))
+        if trial is None:
+            raise HTTPException(404, f"study {study_id!r} has no complete trial yet "
+                                     f"({study.status.value}); try again later")
+        return TrialOut.of(trial)
+
+
+# ---- change ------------------------------------------------------------------------------
+def _transition(state: AppState, study_id: str, action: str, who: str) -> StudyOut:
+    sources, target, kind = TRANSITIONS[action]
+    with state.sessions.begin() as session:
+        study = _get_study(session, study_id)
+        before = study.status
+        changed = session.execute(
+            update(Study).where(Study.id == study_id, Study.status.in_(sources))
+            .values(status=target, updated_at=utcnow()).execution_options(synchronize_session=False)
+        ).rowcount
+        if not changed:
+            session.refresh(study)
+            allowed = " or ".join(s.value for s in sources)
+            raise HTTPException(409, f"cannot {action} study {study_id!r}: it is {study.status.value} "
+                                     f"(only a {allowed} study can be {action}d)")
+        session.add(Event(study_id=study_id, kind=kind, data={"status": target.value, "from": before.value,
+                                                                "by": who}))
+        session.flush()
+        session.refresh(study)
+        return StudyOut.of(study)
+
+
+def _action_route(action: str, summary: str, doc: str) -> None:
+    def route(study_id: StudyId, state: AppState = Depends(app_state),
+              who: str = Depends(caller)) -> StudyOut:
+        return _transition(state, study_id, action, who)
+
+    route.__doc__ = doc
+    route.__name__ = f"{action}_study"
+    router.add_api_route(f"/{{study_id}}/{action}", route, methods=["POST"], response_model=StudyOut,
+                         summary=summary, responses={**_E401, **_E404, **_E409})
+
+
+_action_route("pause", "Pause a study",
+              "Queued or running → paused. Running trials finish; no new ones start.")
+_action_route("resume", "Resume a study", "Paused → running: the controller continues it where it stopped.")
+_action_route("cancel", "Cancel a study",
+              "Queued, running or paused → cancelled (final). Trials so far stay.")
+
+
+@router.delete("/{study_id}", status_code=204, summary="Delete a study",
+               responses={**_E401, **_E404, 409: {"model": ErrorOut, "description": "the study is running"}})
+def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> None:
+    """Delete a study that is not running, with its trials, events and artifact records."""
+    with state.sessions.begin() as session:
+        study = _get_study(session, study_id)
+        gone = session.execute(
+            delete(Study).where(Study.id == study_id, Study.status != StudyStatus.RUNNING)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not gone:
+            raise HTTPException(409, f"study {study_id!r} is {study.status.value}: cancel it first "
+                                     f"(POST /studies/{study_id}/cancel), then delete it")

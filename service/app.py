@@ -1,0 +1,115 @@
+"""The FastAPI application: ``create_app(settings)`` (a factory; nothing runs at import).
+
+Start-up migrates the database (idempotent), opens the engine, and — unless
+``start_controller=False`` (tests, or an API-only replica) — starts the study controller.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
+
+from service.api import events, studies
+from service.api.deps import AppState, app_state
+from service.api.schemas import ErrorOut, HealthOut
+from service.settings import Settings, get_settings
+
+VERSION = "0.1.0"
+DESCRIPTION = """Evolutionary search for model-merge recipes, as a service.
+
+Submit a study spec (docs/study-spec.md) with `POST /studies`, follow it with
+`GET /studies/{id}/events` (server-sent events), read its best trial with
+`GET /studies/{id}/best`. Every route but `/health` needs `Authorization: Bearer <token>`
+when the server runs with `EVOMERGE_AUTH=true` (tokens: `evomerge token create NAME`).
+All tokens see all studies; a study's `owner` is the name of the token that submitted it.
+"""
+
+
+def _start_controller(state: AppState) -> Any:
+    try:
+        from service.controller import Controller
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the study controller cannot be imported ({exc}); without it no study would ever run. "
+            "Fix the installation, or start the API alone with create_app(..., start_controller=False)"
+        ) from exc
+    controller = Controller(state.settings, state.sessions)
+    controller.start()
+    return controller
+
+
+def create_app(settings: Settings | None = None, *, start_controller: bool = True,
+               poll_seconds: float = 0.5) -> FastAPI:
+    """The API app for ``settings`` (default: from the environment, read now).
+
+    ``poll_seconds``: how often the event stream polls the database.
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.db import make_engine, session_factory, upgrade
+
+        if settings.database_url.startswith("sqlite"):
+            settings.ensure_dirs()
+        await run_in_threadpool(upgrade, settings.database_url)
+        engine = make_engine(settings.database_url)
+        state = AppState(settings=settings, engine=engine, sessions=session_factory(engine),
+                         poll_seconds=poll_seconds)
+        try:
+            if start_controller:
+                state.controller = await run_in_threadpool(_start_controller, state)
+            app.state.evomerge = state
+            yield
+        finally:
+            app.state.evomerge = None
+            if state.controller is not None:
+                await run_in_threadpool(state.controller.stop)
+            engine.dispose()
+
+    app = FastAPI(title="evomerge", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.include_router(studies.router)
+    app.include_router(events.router)
+
+    @app.get("/health", response_model=HealthOut, tags=["service"], summary="Is the service up?",
+             responses={503: {"model": ErrorOut,
+                              "description": "starting up, or the database is unreachable"}})
+    def health(state: AppState = Depends(app_state)) -> HealthOut:
+        """No token needed. Checks that the database answers."""
+        try:
+            with state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise HTTPException(503, f"the database does not answer: {type(exc).__name__}") from None
+        return HealthOut(version=VERSION, database=state.engine.dialect.name, auth=settings.auth)
+
+    _add_spec_schema(app)
+    return app
+
+
+def _add_spec_schema(app: FastAPI) -> None:
+    """Put the study spec's JSON schema (and its parts) into the OpenAPI components, for the
+    request body of ``POST /studies`` (read raw there, to accept YAML as well as JSON)."""
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        from service.spec import StudySpec
+
+        schema = plain_openapi()
+        spec_schema = copy.deepcopy(StudySpec.model_json_schema(ref_template="#/components/schemas/{model}"))
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, part in spec_schema.pop("$defs", {}).items():
+            components.setdefault(name, part)
+        components["StudySpec"] = spec_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,625 @@
+"""The study controller: ask → dispatch → record → tell, for every active study.
+
+One loop in the service process (``Controller.start()``) runs all studies whose status
+is ``queued`` or ``running``. Each iteration (``step()``):
+
+1. loads the active studies and builds a :class:`~service.runtime.StudyRuntime` for new
+   ones (re-validating the stored spec, restoring the optimizer, reconciling what a
+   previous controller left behind — see :meth:`Controller._recover`);
+2. hands idle workers to studies round-robin, one trial at a time: ask one point, decode
+   it, INSERT the trial (state running, a lease) and COMMIT, then submit it;
+3. collects finished trials: UPDATE the trial, the study's counters and best, add an
+   event, COMMIT, then tell the optimizer;
+4. ends studies whose budget is spent (held-out re-scoring first, if the spec asks).
+
+Ordering rule: every state change is committed before it is acted on. pycma's state is
+saved in the same transaction as the trial row it belongs to, so the two never disagree.
+Optuna's storage is a separate connection: a crash can fall between our commit and
+Optuna's write, and :meth:`Controller._recover` closes each such gap on restart.
+
+pause / resume / cancel: the API only sets ``Study.status`` (``paused``, ``running``,
+``cancelled``) and commits; the controller notices on its next iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import Event, Study, StudyStatus, Trial, TrialState, utcnow
+from service.runtime import (
+    MAX_ATTEMPTS,
+    HeldoutRun,
+    StudyRuntime,
+    make_optimizer,
+    pool_key,
+    validate_stored,
+    worker_spec_data,
+)
+from service.settings import Settings
+
+log = logging.getLogger("evomerge.controller")
+
+ACTIVE = (StudyStatus.QUEUED, StudyStatus.RUNNING)
+SAVE_EVERY_S = 2.0  # elapsed time and leases are written at least this often
+
+
+class Controller:
+    """Runs every active study; see the module docstring for the protocol."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], *,
+                 poll_s: float = 0.05, idle_sleep_s: float = 0.2) -> None:
+        self.settings = settings
+        self.sessions = session_factory
+        self.poll_s = poll_s
+        self.idle_sleep_s = idle_sleep_s
+        self.runtimes: dict[str, StudyRuntime] = {}
+        self.pools: dict[str, Any] = {}  # pool key -> workers.pool.WorkerPool
+        self._owner: dict[int, str] = {}  # trial row id -> study id (trials in any pool)
+        self._turn = 0  # round-robin start
+        self._resubmit: list[tuple[str, int, Any]] = []  # recovered trials: (study, trial row id, recipe)
+        self._storage: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Run :meth:`run_forever` in a background thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run_forever, name="evomerge-controller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop and the workers. Trials still running stay ``running`` in the
+        database: the next controller retries them (as after a crash)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for pool in self.pools.values():
+            pool.shutdown()
+        for rt in self.runtimes.values():
+            if rt.heldout is not None:
+                rt.heldout.pool.shutdown()
+        self.pools.clear()
+        self.runtimes.clear()
+        self._owner.clear()
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a database hiccup must not end the service's loop
+                log.exception("controller iteration failed; retrying")
+                busy = False
+            if not busy:
+                self._stop.wait(self.idle_sleep_s)
+
+    def step(self) -> bool:
+        """One iteration; returns True when anything was (or is being) worked on."""
+        self._sync_studies()
+        dispatched = self._dispatch()
+        collected = self._collect()
+        self._heldout_step()
+        self._finish_ended()
+        self._save_clocks()
+        # in flight: pool.wait() above already waited poll_s, so the caller need not sleep
+        waiting = bool(self._owner) or any(rt.heldout is not None for rt in self.runtimes.values())
+        return bool(dispatched or collected or waiting)
+
+    # ---- studies -----------------------------------------------------------------------
+    def _sync_studies(self) -> None:
+        with self.sessions() as s:
+            rows = s.execute(select(Study.id, Study.status).where(
+                Study.status.in_(ACTIVE) | Study.id.in_(list(self.runtimes)))).all()
+        status = {sid: st for sid, st in rows}
+        for sid, st in status.items():
+            if st in ACTIVE and sid not in self.runtimes:
+                self._open(sid)
+        for sid in list(self.runtimes):
+            st = status.get(sid)
+            rt = self.runtimes[sid]
+            if st is None:  # deleted under us
+                self._drop(sid)
+            elif st == StudyStatus.CANCELLED:
+                self._cancel(rt)
+            elif st.finished and not rt.in_flight and rt.heldout is None:
+                self._drop(sid)
+            else:
+                rt.paused = st == StudyStatus.PAUSED
+                rt.count(not rt.paused)
+
+    def _open(self, study_id: str) -> None:
+        """Build the runtime of an active study, continuing whatever a previous controller left."""
+        with self.sessions() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return
+            spec, state, elapsed = study.spec, study.optimizer_state, study.elapsed_seconds or 0.0
+            optuna_name = study.optuna_study_name or f"evomerge-{study_id}"
+            next_number = s.scalar(select(func.max(Trial.number)).where(Trial.study_id == study_id))
+        try:
+            validated = validate_stored(spec, self.settings)
+            space = validated.build_space()
+            optimizer, uses_state = make_optimizer(validated, space, storage=self._optuna(),
+                                                   study_name=optuna_name, state=state)
+        except Exception as err:
+            self._fail_study(study_id, f"the study cannot start: {err}")
+            return
+        wspec = worker_spec_data(validated, self.settings)
+        rt = StudyRuntime(study_id=study_id, validated=validated, space=space, optimizer=optimizer,
+                          pool_key=pool_key(wspec), uses_state=uses_state, elapsed_base=float(elapsed),
+                          next_number=(next_number + 1) if next_number is not None else 0)
+        with self.sessions.begin() as s:
+            study = s.get(Study, study_id)
+            assert study is not None
+            study.optuna_study_name = optuna_name
+            if study.status == StudyStatus.QUEUED:
+                study.status = StudyStatus.RUNNING
+                s.add(Event(study_id=study_id, kind="study_started",
+                            data={"warnings": validated.warnings}))
+        self.runtimes[study_id] = rt
+        log.info("study %s: controlling it (%s)", study_id, validated.optimizer.name)
+        self._recover(rt)
+        rt.count(True)
+
+    def _recover(self, rt: StudyRuntime) -> None:
+        """Continue after a previous controller: its running trials are retried or failed, and
+        results it committed but never told are told now (each trial is told exactly once).
+
+        - our row finished, Optuna's trial still RUNNING → the crash fell between our commit
+          and the tell: tell it now (values, or a failure);
+        - an Optuna trial RUNNING with no row of ours → asked but never recorded: a failure
+          (no compute was spent on it; failures do not count towards a CMA-ES generation);
+        - our row running → its worker is gone: re-run the same point (same recipe, same
+          optimizer id) if it has attempts left, else fail it and tell the failure.
+        """
+        with self.sessions() as s:
+            trials = s.scalars(select(Trial).where(Trial.study_id == rt.study_id)).all()
+        by_point = {t.point_id: t for t in trials if t.point_id is not None}
+        if not rt.uses_state:
+            import optuna
+
+            study = rt.optimizer.study  # type: ignore[attr-defined]
+            for ot in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                row = by_point.get(str(ot.number))
+                if row is None:
+                    self._tell(rt, ot.number, None, "asked, never recorded (controller restart)")
+                elif row.state == TrialState.COMPLETE:
+                    self._tell(rt, ot.number, row.values, None)
+                elif row.state.finished:
+                    self._tell(rt, ot.number, None, row.failure_reason or row.state.value)
+        for t in trials:
+            if t.state != TrialState.RUNNING:
+                continue
+            if t.attempts < MAX_ATTEMPTS and t.recipe is not None:
+                with self.sessions.begin() as s:
+                    row = s.get(Trial, t.id)
+                    assert row is not None
+                    row.attempts = t.attempts + 1
+                    row.lease_expires_at = utcnow() + timedelta(seconds=self.settings.lease_seconds)
+                    s.add(Event(study_id=rt.study_id, kind="trial_retried",
+                                data={"number": t.number, "attempt": row.attempts,
+                                      "why": "the controller stopped while it ran"}))
+                rt.in_flight[t.id] = t.number
+                self._resubmit.append((rt.study_id, t.id, t.recipe))
+            else:
+                reason = f"the controller stopped {t.attempts} time(s) while this trial ran; given up"
+                self._record_failure(rt, t.id, reason)
+
+    def _drop(self, study_id: str) -> None:
+        rt = self.runtimes.pop(study_id, None)
+        if rt is not None and rt.heldout is not None:
+            rt.heldout.pool.shutdown()
+        self._release_unused_pools()
+
+    def _release_unused_pools(self) -> None:
+        used = {rt.pool_key for rt in self.runtimes.values()}
+        for key in list(self.pools):
+            pool = self.pools[key]
+            if key not in used and not pool.running:
+                pool.shutdown()
+                del self.pools[key]
+
+    def _fail_study(self, study_id: str, error: str) -> None:
+        log.warning("study %s failed: %s", study_id, error)
+        with self.sessions.begin() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                return
+            study.status = StudyStatus.FAILED
+            study.error = error
+            s.add(Event(study_id=study_id, kind="study_failed", data={"error": error}))
+        self._drop(study_id)
+
+    def _cancel(self, rt: StudyRuntime) -> None:
+        """A cancelled study: its running trials become ``cancelled`` (told as failures) at once;
+        results that still come back for them are dropped."""
+        for trial_id, number in list(rt.in_flight.items()):
+            with self.sessions.begin() as s:
+                row = s.get(Trial, trial_id)
+                if row is None or row.state != TrialState.RUNNING:
+                    continue
+                row.state = TrialState.CANCELLED
+                row.failure_reason = "the study was cancelled"
+                row.finished_at = utcnow()
+                s.add(Event(study_id=rt.study_id, kind="trial_cancelled", data={"number": number}))
+                point = row.point_id
+            self._tell(rt, int(point) if point is not None else None, None, "cancelled")
+        rt.in_flight.clear()
+        self._resubmit[:] = [r for r in self._resubmit if r[0] != rt.study_id]
+        with self.sessions.begin() as s:
+            study = s.get(Study, rt.study_id)
+            if study is not None:
+                study.elapsed_seconds = rt.elapsed()
+                s.add(Event(study_id=rt.study_id, kind="study_cancelled",
+                            data={"trials_done": study.trials_done}))
+        self._drop(rt.study_id)
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def _pool(self, rt: StudyRuntime) -> Any | None:
+        """The study's worker pool, created on first use (None while the worker cap is reached)."""
+        pool = self.pools.get(rt.pool_key)
+        if pool is not None:
+            return pool
+        from workers.pool import WorkerPool, init_ray
+        from workers.trial import WorkerSpec
+
+        used = sum(len(p.slots) for p in self.pools.values())
+        n = min(rt.parallelism, self.settings.max_workers - used)
+        if n < 1:
+            return None
+        init_ray(self.settings.ray_address)
+        pool = WorkerPool(WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings)), n,
+                          self._resources())
+        self.pools[rt.pool_key] = pool
+        log.info("started %d worker(s) for study %s", n, rt.study_id)
+        return pool
+
+    def _resources(self) -> Any:
+        from workers.pool import WorkerResources
+
+        return WorkerResources(num_cpus=self.settings.worker_num_cpus, num_gpus=self.settings.worker_num_gpus)
+
+    def _wants(self, rt: StudyRuntime) -> bool:
+        """May this study start one more trial now?"""
+        if rt.paused or rt.heldout is not None or len(rt.in_flight) >= rt.parallelism:
+            return False
+        return not self._budget_spent(rt)
+
+    def _budget_spent(self, rt: StudyRuntime) -> bool:
+        budget = rt.spec.budget
+        if budget.max_seconds is not None and rt.elapsed() >= budget.max_seconds:
+            return True
+        if budget.max_trials is not None:
+            return self._used(rt.study_id) >= budget.max_trials
+        return False
+
+    def _used(self, study_id: str) -> int:
+        """Trials that count towards max_trials: running, complete and failed ones."""
+        with self.sessions() as s:
+            return int(s.scalar(select(func.count(Trial.id)).where(
+                Trial.study_id == study_id,
+                Trial.state.in_([TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAILED]))) or 0)
+
+    def _dispatch(self) -> int:
+        """Hand idle workers out round-robin, one trial per study per round."""
+        sent = self._resubmit_recovered()
+        order = list(self.runtimes.values())
+        if not order:
+            return sent
+        self._turn = (self._turn + 1) % len(order)
+        order = order[self._turn:] + order[:self._turn]
+        progress = True
+        while progress:
+            progress = False
+            for rt in order:
+                if rt.study_id not in self.runtimes or not self._wants(rt):
+                    continue
+                pool = self._pool(rt)
+                if pool is None or not pool.idle():
+                    continue
+                if self._start_trial(rt, pool):
+                    sent += 1
+                    progress = True
+        return sent
+
+    def _resubmit_recovered(self) -> int:
+        sent = 0
+        for item in list(self._resubmit):
+            study_id, trial_id, recipe = item
+            rt = self.runtimes.get(study_id)
+            if rt is None:
+                self._resubmit.remove(item)
+                continue
+            pool = self._pool(rt)
+            if pool is None or not pool.idle():
+                continue
+            self._resubmit.remove(item)
+            pool.submit(trial_id, recipe)
+            self._owner[trial_id] = study_id
+            sent += 1
+        return sent
+
+    def _start_trial(self, rt: StudyRuntime, pool: Any) -> bool:
+        """Ask one point and run it; the trial row is committed before the worker sees it."""
+        (point,) = rt.optimizer.ask(1)
+        recipe: dict[str, Any] | None = None
+        error = None
+        try:
+            recipe = rt.space.decode(point.params).model_dump(mode="json")
+        except Exception as err:  # a point the space cannot decode is a failed trial
+            error = f"the point could not be decoded into a recipe: {err}"
+        now = utcnow()
+        with self.sessions.begin() as s:
+            trial = Trial(study_id=rt.study_id, number=rt.next_number, point_id=str(point.id),
+                          params=dict(point.params), recipe=recipe, attempts=1, started_at=now,
+                          state=TrialState.RUNNING if error is None else TrialState.FAILED,
+                          failure_reason=error, finished_at=None if error is None else now,
+                          lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                          metrics={"optimizer": point.info} if point.info else None)
+            s.add(trial)
+            if rt.uses_state:
+                s.execute(update(Study).where(Study.id == rt.study_id)
+                          .values(optimizer_state=rt.optimizer.state()))
+            s.flush()
+            trial_id = trial.id
+        rt.next_number += 1
+        if error is not None:
+            self._finish_failed_unstarted(rt, trial_id, point.id, error)
+            return True
+        rt.in_flight[trial_id] = rt.next_number - 1
+        self._owner[trial_id] = rt.study_id
+        pool.submit(trial_id, recipe)
+        return True
+
+    def _finish_failed_unstarted(self, rt: StudyRuntime, trial_id: int, point_id: int, error: str) -> None:
+        with self.sessions.begin() as s:
+            self._update_counters(s, rt, None, None)
+            s.add(Event(study_id=rt.study_id, kind="trial_failed",
+                        data={"trial_id": trial_id, "error": error}))
+        self._tell(rt, point_id, None, error)
+
+    # ---- results -----------------------------------------------------------------------
+    def _collect(self) -> int:
+        n = 0
+        pools = [p for p in self.pools.values() if p.running]
+        for pool in pools:
+            for result in pool.wait(timeout=self.poll_s / max(len(pools), 1)):
+                self._record(result)
+                n += 1
+        return n
+
+    def _record(self, result: Any) -> None:
+        """Commit one worker result, then tell the optimizer."""
+        study_id = self._owner.pop(result.trial_id, None)
+        rt = self.runtimes.get(study_id) if study_id is not None else None
+        if rt is None or result.trial_id not in rt.in_flight:
+            return  # its study was cancelled or dropped: the row was already finished
+        rt.in_flight.pop(result.trial_id)
+        if result.state != "complete":
+            self._record_failure(rt, result.trial_id, result.error or "the worker reported a failure",
+                                 result=result)
+            return
+        values = [float(v) for v in result.values]
+        fitness = values[0] if len(values) == 1 else None
+        with self.sessions.begin() as s:
+            row = s.get(Trial, result.trial_id)
+            if row is None or row.state != TrialState.RUNNING:
+                return
+            self._fill(row, result)
+            row.state = TrialState.COMPLETE
+            row.values = values
+            row.fitness = fitness
+            point = int(row.point_id) if row.point_id is not None else None
+            if rt.uses_state and point is not None:  # tell in memory, save in this transaction
+                self._tell(rt, point, values, None)
+                s.execute(update(Study).where(Study.id == rt.study_id)
+                          .values(optimizer_state=rt.optimizer.state()))
+            self._update_counters(s, rt, row.number, fitness)
+            s.add(Event(study_id=rt.study_id, kind="trial_complete",
+                        data={"number": row.number, "values": values, "scores": result.scores}))
+        if not rt.uses_state:
+            self._tell(rt, point, values, None)
+
+    def _record_failure(self, rt: StudyRuntime, trial_id: int, reason: str, result: Any = None) -> None:
+        rt.in_flight.pop(trial_id, None)
+        with self.sessions.begin() as s:
+            row = s.get(Trial, trial_id)
+            if row is None or row.state.finished:
+                return
+            if result is not None:
+                self._fill(row, result)
+            row.state = TrialState.FAILED
+            row.failure_reason = reason
+            row.finished_at = row.finished_at or utcnow()
+            point = int(row.point_id) if row.point_id is not None else None
+            if rt.uses_state and point is not None:
+                self._tell(rt, point, None, reason)
+                s.execute(update(Study).where(Study.id == rt.study_id)
+                          .values(optimizer_state=rt.optimizer.state()))
+            self._update_counters(s, rt, None, None)
+            s.add(Event(study_id=rt.study_id, kind="trial_failed",
+                        data={"number": row.number, "error": reason}))
+        if not rt.uses_state:
+            self._tell(rt, point, None, reason)
+
+    @staticmethod
+    def _fill(row: Trial, result: Any) -> None:
+        row.scores = dict(result.scores) or row.scores
+        row.metrics = {**(row.metrics or {}), **result.metrics} if result.metrics else row.metrics
+        row.timings = {**result.timings.model_dump(), "peak_memory_bytes": result.peak_memory_bytes}
+        row.worker = result.worker or None
+        row.attempts = max(row.attempts, result.attempts)
+        row.finished_at = utcnow()
+
+    def _update_counters(self, s: Session, rt: StudyRuntime, number: int | None,
+                         fitness: float | None) -> None:
+        """Recount (never increment) so that a replayed result cannot count twice."""
+        s.flush()
+        counts = dict(s.execute(select(Trial.state, func.count(Trial.id)).where(Trial.study_id == rt.study_id)
+                                .group_by(Trial.state)).all())
+        study = s.get(Study, rt.study_id)
+        assert study is not None
+        study.trials_done = counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.FAILED, 0)
+        study.trials_failed = counts.get(TrialState.FAILED, 0)
+        study.elapsed_seconds = rt.elapsed()
+        if fitness is not None and (study.best_value is None or fitness > study.best_value):
+            study.best_value, study.best_trial_number = fitness, number
+        rt.last_saved = time.monotonic()
+
+    def _tell(self, rt: StudyRuntime, point_id: int | None, values: Iterable[float] | None, reason: str | None
+              ) -> None:
+        from search_spaces.optimizers.base import Failure, OptimizerError
+
+        if point_id is None:
+            return
+        try:
+            rt.optimizer.tell(point_id, list(values) if values is not None else Failure(reason or ""))
+        except OptimizerError as err:  # already told (e.g. a replay after a restart): nothing to do
+            log.info("study %s: tell(%s) skipped: %s", rt.study_id, point_id, err)
+
+    # ---- the end of a study ------------------------------------------------------------
+    def _finish_ended(self) -> None:
+        for rt in list(self.runtimes.values()):
+            if rt.in_flight or rt.heldout is not None or rt.paused:
+                continue
+            if any(r[0] == rt.study_id for r in self._resubmit):
+                continue
+            if not self._budget_spent(rt):
+                continue
+            if rt.validated.heldout_evaluation is not None and rt.validated.heldout_top_k > 0:
+                if self._start_heldout(rt):
+                    continue
+            self._complete(rt)
+
+    def _start_heldout(self, rt: StudyRuntime) -> bool:
+        """Re-score the top-k complete trials on the held-out evaluation (one extra worker)."""
+        from workers.pool import WorkerPool, init_ray
+        from workers.trial import WorkerSpec
+
+        with self.sessions() as s:
+            top = s.scalars(select(Trial).where(Trial.study_id == rt.study_id,
+                                                Trial.state == TrialState.COMPLETE,
+                                                Trial.fitness.is_not(None))
+                            .order_by(Trial.fitness.desc(), Trial.number)
+                            .limit(rt.validated.heldout_top_k)).all()
+        top = [t for t in top if not (t.metrics or {}).get("heldout")]
+        if not top:
+            return False
+        init_ray(self.settings.ray_address)
+        spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True))
+        pool = WorkerPool(spec, 1, self._resources())
+        rt.heldout = HeldoutRun(pool=pool, pending={t.id: t.number for t in top},
+                                queue=[(t.id, t.recipe) for t in top])
+        with self.sessions.begin() as s:
+            s.add(Event(study_id=rt.study_id, kind="heldout_started",
+                        data={"numbers": [t.number for t in top]}))
+        return True
+
+    def _heldout_step(self) -> None:
+        for rt in list(self.runtimes.values()):
+            run = rt.heldout
+            if run is None:
+                continue
+            queue = run.queue
+            while queue and run.pool.idle():
+                trial_id, recipe = queue.pop(0)
+                run.pool.submit(trial_id, recipe)
+            for result in run.pool.wait(timeout=self.poll_s):
+                number = run.pending.pop(result.trial_id, None)
+                with self.sessions.begin() as s:
+                    row = s.get(Trial, result.trial_id)
+                    if row is None:
+                        continue
+                    held = {"state": result.state, "scores": dict(result.scores),
+                            "values": list(result.values), "metrics": dict(result.metrics),
+                            "fitness": result.values[0] if len(result.values) == 1 else None,
+                            "error": result.error}
+                    row.metrics = {**(row.metrics or {}), "heldout": held}
+                    s.add(Event(study_id=rt.study_id, kind="heldout_scored",
+                                data={"number": number, "scores": held["scores"], "error": result.error}))
+            if not run.pending and not queue:
+                run.pool.shutdown()
+                rt.heldout = None
+                self._complete(rt)
+
+    def _complete(self, rt: StudyRuntime) -> None:
+        log.info("study %s completed", rt.study_id)
+        with self.sessions.begin() as s:
+            study = s.get(Study, rt.study_id)
+            if study is None:
+                return
+            self._update_counters(s, rt, None, None)
+            if study.status in ACTIVE:
+                study.status = StudyStatus.COMPLETED
+            s.add(Event(study_id=rt.study_id, kind="study_completed",
+                        data={"trials_done": study.trials_done, "best_trial_number": study.best_trial_number,
+                              "best_value": study.best_value}))
+        self._drop(rt.study_id)
+
+    # ---- clocks and leases -------------------------------------------------------------
+    def _save_clocks(self) -> None:
+        """Persist elapsed time, and renew the leases of trials this process is running."""
+        now = time.monotonic()
+        for rt in self.runtimes.values():
+            if now - rt.last_saved < min(SAVE_EVERY_S, self.settings.lease_seconds / 3):
+                continue
+            rt.last_saved = now
+            with self.sessions.begin() as s:
+                s.execute(update(Study).where(Study.id == rt.study_id).values(elapsed_seconds=rt.elapsed()))
+                if rt.in_flight:
+                    lease = utcnow() + timedelta(seconds=self.settings.lease_seconds)
+                    s.execute(update(Trial).where(Trial.id.in_(list(rt.in_flight)),
+                                                  Trial.state == TrialState.RUNNING)
+                              .values(lease_expires_at=lease))
+
+    def _optuna(self) -> Any:
+        if self._storage is None:
+            from service.db import optuna_storage
+
+            self._storage = optuna_storage(self.settings.database_url)
+        return self._storage
+
+
+# ---- running it on its own ------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.controller``: run the controller without the API (tests, debugging)."""
+    from service.db import make_engine, session_factory, upgrade
+    from service.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.controller", description=main.__doc__)
+    parser.add_argument("--database-url", help="default: EVOMERGE_DATABASE_URL")
+    parser.add_argument("--exit-when-idle", action="store_true",
+                        help="return once no study is queued, running or paused with work in flight")
+    args = parser.parse_args(argv)
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    settings = get_settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    upgrade(settings.database_url)
+    controller = Controller(settings, session_factory(make_engine(settings.database_url)))
+    try:
+        while True:
+            busy = controller.step()
+            if args.exit_when_idle and not controller.runtimes and not controller._owner:
+                return 0
+            if not busy:
+                time.sleep(controller.idle_sleep_s)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        controller.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

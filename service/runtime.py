@@ -1,0 +1,122 @@
+"""What the controller holds in memory for one active study, rebuilt from the database.
+
+A :class:`StudyRuntime` is a cache: the validated spec (re-validated from ``Study.spec``),
+its search space, its optimizer (Optuna's storage or pycma's bytes in
+``Study.optimizer_state``) and the trials this process has in flight. Losing it loses
+nothing: a new controller builds it again from the rows (principle 3 of docs/DESIGN).
+
+Imports stay light at module level: the optimizers (Optuna, pycma) and workers (Ray,
+torch) are imported inside the functions that build them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service.validation import ValidatedStudy, validate_study
+
+if TYPE_CHECKING:
+    from search_spaces.base import SearchSpace
+    from search_spaces.optimizers.base import Optimizer
+    from service.settings import Settings
+    from service.spec import StudySpec
+
+# A trial is retried this many times after its controller died while it ran, then failed.
+MAX_ATTEMPTS = 2
+
+
+@dataclass
+class HeldoutRun:
+    """The end-of-study re-scoring in progress: trial row id -> trial number."""
+
+    pool: Any
+    pending: dict[int, int] = field(default_factory=dict)
+    queue: list[tuple[int, Any]] = field(default_factory=list)  # (trial row id, recipe) not yet submitted
+
+
+@dataclass
+class StudyRuntime:
+    """An active study as this process knows it (everything here is derived from rows)."""
+
+    study_id: str
+    validated: ValidatedStudy
+    space: SearchSpace
+    optimizer: Optimizer
+    pool_key: str
+    uses_state: bool  # pycma: save optimizer.state() with every ask and tell
+    elapsed_base: float  # Study.elapsed_seconds when this runtime started counting
+    next_number: int
+    counting_since: float | None = None  # monotonic time since which elapsed grows
+    in_flight: dict[int, int] = field(default_factory=dict)  # trial row id -> number
+    heldout: HeldoutRun | None = None
+    paused: bool = False
+    last_saved: float = field(default_factory=time.monotonic)
+
+    @property
+    def spec(self) -> StudySpec:
+        return self.validated.spec
+
+    @property
+    def parallelism(self) -> int:
+        return self.validated.spec.parallelism
+
+    def elapsed(self) -> float:
+        """Seconds this study has been running (paused time excluded), across restarts."""
+        if self.counting_since is None:
+            return self.elapsed_base
+        return self.elapsed_base + (time.monotonic() - self.counting_since)
+
+    def count(self, running: bool) -> None:
+        """Start or stop the elapsed-time clock (paused studies do not use their budget)."""
+        if running and self.counting_since is None:
+            self.counting_since = time.monotonic()
+        elif not running and self.counting_since is not None:
+            self.elapsed_base = self.elapsed()
+            self.counting_since = None
+
+
+def validate_stored(spec: Any, settings: Settings) -> ValidatedStudy:
+    """Validate a stored ``Study.spec`` again (models may have moved since it was submitted)."""
+    return validate_study(spec, settings)
+
+
+def worker_spec_data(validated: ValidatedStudy, settings: Settings, *,
+                     heldout: bool = False) -> dict[str, Any]:
+    """The fields of ``workers.trial.WorkerSpec`` for this study on this server."""
+    data = dict(validated.worker_spec)
+    if heldout:
+        assert validated.heldout_evaluation is not None
+        data["evaluation"] = validated.heldout_evaluation.model_dump(mode="json")
+    data["threads"] = settings.worker_threads
+    data["device"] = "cuda" if settings.worker_num_gpus > 0 else "cpu"
+    return data
+
+
+def pool_key(worker_spec: dict[str, Any]) -> str:
+    """Studies share a pool when their whole worker spec is the same.
+
+    A worker's evaluator is built once from the spec's ``evaluation``, so two studies over
+    the same sources but scored differently cannot share actors (they would be scored
+    with the first study's tasks); the key is therefore the full spec, not only the
+    sources (``WorkerSpec.source_key``).
+    """
+    return json.dumps(worker_spec, sort_keys=True, default=str)
+
+
+def make_optimizer(validated: ValidatedStudy, space: SearchSpace, *, storage: Any,
+                   study_name: str, state: bytes | None) -> tuple[Optimizer, bool]:
+    """The study's optimizer, continued from its stored state; returns (optimizer, uses_state).
+
+    Optuna-based optimizers live in ``storage`` under ``study_name`` (a new object on the
+    same study continues it); ``cma`` is restored from ``state`` (None: a fresh start).
+    """
+    from search_spaces.optimizers import create_optimizer, get
+    from search_spaces.optimizers.pycma import PyCma
+
+    spec = validated.optimizer
+    if issubclass(get(spec.name), PyCma):
+        return create_optimizer(spec, space, state=state), True
+    return create_optimizer(spec, space, storage=storage, study_name=study_name), False

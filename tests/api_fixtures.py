@@ -1,0 +1,92 @@
+"""Shared by the API tests: settings over a throw-away database, a valid spec, a simulated controller."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+
+from service.db import Event, Study, StudyStatus, Trial, TrialState, make_engine, session_factory
+from service.spec import DEMO_EXAMPLE
+
+
+def spec_data(llama: tuple[Path, list[Path]], **changes: Any) -> dict[str, Any]:
+    """The demo study over the tiny Llama family, scored by the noop evaluator (no lm-eval)."""
+    base, (e0, e1) = llama
+    data = copy.deepcopy(DEMO_EXAMPLE)
+    data.pop("heldout", None)
+    data.update(sources=[str(e0), str(e1)], base_model=str(base),
+                evaluation={"evaluator": "noop", "objectives": [{"task": "t", "metric": "m"}]},
+                budget={"max_trials": 5})
+    data.update(changes)
+    return data
+
+
+class FakeController:
+    """Writes what the controller would (statuses, trials, events) straight into the database."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.sessions = session_factory(self.engine)
+
+    def set_status(self, study_id: str, status: StudyStatus, **values: Any) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Study).where(Study.id == study_id).values(status=status, **values))
+            s.add(Event(study_id=study_id, kind=f"study_{status.value}", data={"status": status.value}))
+
+    def add_trial(self, study_id: str, number: int, fitness: float | None,
+                  state: TrialState = TrialState.COMPLETE) -> None:
+        with self.sessions.begin() as s:
+            s.add(Trial(study_id=study_id, number=number, fitness=fitness, state=state,
+                        params={"x": number}, scores={"t/m": fitness}, values=[fitness]))
+            study = s.get(Study, study_id)
+            assert study is not None
+            if state == TrialState.COMPLETE:
+                study.trials_done += 1
+                if fitness is not None and (study.best_value is None or fitness > study.best_value):
+                    study.best_value, study.best_trial_number = fitness, number
+            s.add(Event(study_id=study_id, kind="trial_complete",
+                        data={"number": number, "fitness": fitness}))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# ---- fixtures (import them into a test module to use them) ------------------------------------
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from service.db.testing import temporary_database  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    with temporary_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def llama(family):
+    return family("llama")
+
+
+def make_settings(db_url: str, tmp_path: Path, model_root: Path, **overrides: Any):
+    from service.settings import get_settings
+
+    return get_settings(database_url=db_url, data_dir=tmp_path / "data",
+                        model_roots=[str(model_root)], **overrides)
+
+
+@pytest.fixture
+def api(db_url, tmp_path, model_root, llama):
+    """A TestClient over the app (auth off, no controller) and a fake controller on its database."""
+    from service.app import create_app
+
+    app = create_app(make_settings(db_url, tmp_path, model_root), start_controller=False, poll_seconds=0.05)
+    ctl = FakeController(db_url)
+    with TestClient(app) as client:
+        client.ctl = ctl  # type: ignore[attr-defined]
+        yield client
+    ctl.close()
