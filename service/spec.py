@@ -338,8 +338,8 @@ class Budget(BaseModel):
 # The complete demo study (docs/study-spec.md): per-layer TIES over the zoo's two experts.
 DEMO_EXAMPLE: dict[str, Any] = {
     "name": "zoo: xl addition by per-layer TIES",
-    "sources": ["v1-seed0/math", "v1-seed0/language"],
-    "base_model": "v1-seed0/base",
+    "sources": ["v2-seed0/math", "v2-seed0/language"],
+    "base_model": "v2-seed0/base",
     "space": {"kind": "parameter", "method": "ties", "granularity": 1},
     "evaluation": {
         "evaluator": "lm_eval",
@@ -355,8 +355,8 @@ DEMO_EXAMPLE: dict[str, Any] = {
 
 MULTI_OBJECTIVE_EXAMPLE: dict[str, Any] = {
     "name": "zoo: xl addition and en addition, Pareto front",
-    "sources": ["v1-seed0/math", "v1-seed0/language"],
-    "base_model": "v1-seed0/base",
+    "sources": ["v2-seed0/math", "v2-seed0/language"],
+    "base_model": "v2-seed0/base",
     "space": {"kind": "parameter", "method": "task_arithmetic", "granularity": 2},
     "evaluation": {
         "objectives": [

@@ -493,15 +493,15 @@ def test_the_documented_zoo_studies_validate(tmp_path):
     import re
 
     for name in ("base", "math", "language"):
-        fake_model(tmp_path / "v1-seed0" / name, layers=4, hidden=64, inter=256)
+        fake_model(tmp_path / "v2-seed0" / name, layers=4, hidden=64, inter=256)
     settings = Settings(model_roots=[tmp_path])
     text = (REPO / "docs" / "study-spec.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
-              if b.startswith("name:") and "v1-seed0" in b]
+              if b.startswith("name:") and "v2-seed0" in b]
     assert len(blocks) == 3
     dims = []
     for block in blocks:
         spec = StudySpec.from_text(block)
-        v = validate_study(spec, settings, resolve_study_ref=lambda ref: tmp_path / "v1-seed0" / "math")
+        v = validate_study(spec, settings, resolve_study_ref=lambda ref: tmp_path / "v2-seed0" / "math")
         dims.append(v.space["dimension"])
     assert dims[0] == 20  # the demo: (4 layers + embeddings) × 2 models × (weight, density)

@@ -28,7 +28,7 @@ class ProblemsOut(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"detail": [{
         "loc": ["sources", 1], "type": "model_not_found",
-        "msg": "model 'v1-seed0/lang' not found under the allowed roots (/models). Close matches: language.",
+        "msg": "model 'v2-seed0/lang' not found under the allowed roots (/models). Close matches: language.",
         "fix": "give its path relative to a root, or its absolute path inside one"}]}]})
 
 

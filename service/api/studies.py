@@ -31,8 +31,8 @@ _E409 = {409: {"model": ErrorOut, "description": "the study's status does not al
 
 SPEC_TYPES = ("application/json", "application/yaml", "text/yaml", "application/x-yaml")
 _YAML_EXAMPLE = """name: "zoo: xl addition by per-layer TIES"
-sources: [v1-seed0/math, v1-seed0/language]
-base_model: v1-seed0/base
+sources: [v2-seed0/math, v2-seed0/language]
+base_model: v2-seed0/base
 space: {kind: parameter, method: ties, granularity: 1}
 evaluation:
   objectives: [{task: zoo_xl_add, metric: exact_match, limit: 200}]

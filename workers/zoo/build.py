@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 DEFAULT_SEED = 0
 MODELS = ("base", "math", "language")
 

@@ -27,11 +27,11 @@ def stages(scale: float = 1.0) -> dict[str, Stage]:
     return {
         "base": Stage("base", en_basic + xl_light, steps(500), 3e-3),
         "math": Stage("math", [(0.85, en_multi)] + [(0.15 / 4, m) for _, m in en_basic],
-                      steps(1500), 3e-3),
+                      steps(1200), 3e-3),
         "language": Stage(
             "language",
             [(0.7 / 4, _skill("xl", n)) for n in SKILLS] + [(0.3 / 4, m) for _, m in en_basic],
-            steps(300),
+            steps(600),
             1e-3,
         ),
     }
