@@ -17,6 +17,7 @@ as it is. evomerge's additions are few and named:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
 
@@ -145,6 +146,22 @@ class Recipe(BaseModel):
             for src in sl.sources:
                 seen[src.model] = None
         return list(seen)
+
+    def with_models_renamed(self, rename: Callable[[str], str]) -> Recipe:
+        """A copy in which every model reference ``m`` becomes ``rename(m)``."""
+        data = self.model_copy(deep=True)
+        if data.base_model is not None:
+            data.base_model = rename(data.base_model)
+        if data.tokenizer_source not in (None, "base"):
+            data.tokenizer_source = rename(data.tokenizer_source)
+        for entry in data.models or []:
+            entry.model = rename(entry.model)
+        for sl in data.slices or []:
+            if sl.base_model is not None:
+                sl.base_model = rename(sl.base_model)
+            for src in sl.sources:
+                src.model = rename(src.model)
+        return data
 
     def is_stacking(self) -> bool:
         return self.merge_method == "passthrough"

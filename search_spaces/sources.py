@@ -97,9 +97,7 @@ def resolve_sources(recipe: Recipe, resolver: Resolver) -> Recipe:
     ``KeyError`` naming it.
     """
 
-    def fix(name: str | None) -> str | None:
-        if name is None:
-            return None
+    def fix(name: str) -> str:
         ref = parse_placeholder(name)
         if ref is None:
             return name
@@ -112,14 +110,4 @@ def resolve_sources(recipe: Recipe, resolver: Resolver) -> Recipe:
             )
         return resolver[name]
 
-    data = recipe.model_copy(deep=True)
-    data.base_model = fix(data.base_model)
-    if data.tokenizer_source not in (None, "base"):
-        data.tokenizer_source = fix(data.tokenizer_source)
-    for entry in data.models or []:
-        entry.model = fix(entry.model) or entry.model
-    for sl in data.slices or []:
-        sl.base_model = fix(sl.base_model)
-        for src in sl.sources:
-            src.model = fix(src.model) or src.model
-    return data
+    return recipe.with_models_renamed(fix)

@@ -587,20 +587,7 @@ def _heldout(spec: StudySpec, evaluation: EvaluationSpec, problems: _Problems) -
 # ---- optimizer -------------------------------------------------------------------------
 def _canonical_recipe(recipe: Recipe, aliases: Mapping[str, str]) -> Recipe:
     """The recipe with models named as the space names them (real paths)."""
-    def fix(name: str | None) -> str | None:
-        return aliases.get(name, name) if name is not None else None
-
-    data = recipe.model_copy(deep=True)
-    data.base_model = fix(data.base_model)
-    if data.tokenizer_source not in (None, "base"):
-        data.tokenizer_source = fix(data.tokenizer_source)
-    for entry in data.models or []:
-        entry.model = fix(entry.model) or entry.model
-    for sl in data.slices or []:
-        sl.base_model = fix(sl.base_model)
-        for src in sl.sources:
-            src.model = fix(src.model) or src.model
-    return data
+    return recipe.with_models_renamed(lambda name: aliases.get(name, name))
 
 
 def _optimizer(spec: StudySpec, n_objectives: int | None, space: SearchSpace | None,
