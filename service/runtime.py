@@ -79,7 +79,13 @@ class StudyRuntime:
 
 
 def validate_stored(spec: Any, settings: Settings) -> ValidatedStudy:
-    """Validate a stored ``Study.spec`` again (models may have moved since it was submitted)."""
+    """Validate a stored ``Study.spec`` again (models may have moved since it was submitted).
+
+    The API stores the whole validated study (its ``spec`` key holds what the user
+    submitted); a bare study spec is accepted too.
+    """
+    if isinstance(spec, dict) and isinstance(spec.get("spec"), dict) and "worker_spec" in spec:
+        spec = spec["spec"]
     return validate_study(spec, settings)
 
 
