@@ -1,8 +1,8 @@
 """Evaluating a recipe parameter without the engine, on "probe" tensors.
 
 ``encode`` must tell which value a hand-made recipe gives each gene, and search spaces
-import no torch and no workers. So this module restates the engine's rules
-(docs/recipe-format.md, ``workers/params.py``; a test checks both agree): a value is a
+import no torch and no workers. The rules themselves are shared with the engine
+(``search_spaces.recipe.evaluate_setting``); only the tensors differ: a value is a
 scalar, a per-layer gradient (layer ``i`` of ``L`` at ``t = i/(L-1)``, non-layer
 tensors at ``t = 0``), or a filtered list where the first matching filter wins; a
 filter is a module category or a substring of the tensor name.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from search_spaces.recipe import ConditionalParameter
+from search_spaces.recipe import evaluate_setting, resolve_setting
 
 CATEGORIES = ("attention", "mlp", "embeddings", "norms", "other")
 
@@ -73,43 +73,11 @@ def filter_matches(flt: str | None, probe: Probe) -> bool:
     return flt in probe.name
 
 
-def _interpolate(values: list[Any], pos: Fraction) -> Any:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return values[int(pos * (len(values) - 1))]
-    scaled = pos * (len(values) - 1)
-    i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
-    frac = float(scaled - i0)
-    if frac == 0.0:
-        return values[i0]
-    return (1 - frac) * values[i0] + frac * values[i1]
-
-
 def evaluate(setting: Any, probe: Probe, pos: Fraction) -> Any:
     """The value of one setting for a probe (None when no filter matches)."""
-    if isinstance(setting, ConditionalParameter):
-        setting = [setting]
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(v, (bool, int, float, str)) for v in setting):
-            return _interpolate(setting, pos)
-        for cond in setting:
-            if isinstance(cond, dict):
-                cond = ConditionalParameter.model_validate(cond)
-            if filter_matches(cond.filter, probe):
-                return evaluate(cond.value, probe, pos)
-        return None
-    raise ValueError(f"unexpected parameter value {setting!r}")
+    return evaluate_setting(setting, lambda flt: filter_matches(flt, probe), pos)
 
 
 def resolve(name: str, scopes: list[dict[str, Any] | None], probe: Probe, pos: Fraction) -> Any:
     """First value of ``name`` found in ``scopes`` (most specific first), else None."""
-    for scope in scopes:
-        if scope and name in scope:
-            value = evaluate(scope[name], probe, pos)
-            if value is not None:
-                return value
-    return None
+    return resolve_setting(name, scopes, lambda flt: filter_matches(flt, probe), pos)

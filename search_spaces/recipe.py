@@ -17,7 +17,8 @@ as it is. evomerge's additions are few and named:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Union
 
@@ -213,6 +214,55 @@ def _normalise_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("parameters") is None:
         data.pop("parameters", None)
     return data
+
+
+# ---- what a parameter value means for one tensor (shared by the merge engine and
+# the search spaces' ``encode``, so both read a recipe the same way) ------------------
+def interpolate(values: Sequence[Any], pos: Fraction | float) -> Any:
+    """A per-layer list read at relative depth ``pos`` (mergekit's gradient rule)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(pos * (len(values) - 1))]
+    scaled = pos * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = float(scaled - i0)
+    if frac == 0.0:
+        return values[i0]
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate_setting(setting: Any, matches: Callable[[str | None], bool], pos: Fraction | float) -> Any:
+    """Value of one setting at relative depth ``pos`` for a tensor that ``matches`` the
+    filters it matches (None: no filtered value applies)."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [ConditionalParameter.model_validate(setting)]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, (bool, int, float, str)) for v in setting):
+            return interpolate(setting, pos)
+        for cond in setting:
+            if isinstance(cond, dict):
+                cond = ConditionalParameter.model_validate(cond)
+            if matches(cond.filter):
+                return evaluate_setting(cond.value, matches, pos)
+        return None
+    raise ValueError(f"unexpected parameter value {setting!r}")
+
+
+def resolve_setting(name: str, scopes: Sequence[dict[str, Any] | None],
+                    matches: Callable[[str | None], bool], pos: Fraction | float) -> Any:
+    """First value of ``name`` found in ``scopes`` (most specific first), else None."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], matches, pos)
+            if value is not None:
+                return value
+    return None
 
 
 def dump_json(recipe: Recipe) -> str:

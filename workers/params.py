@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from typing import Any
 
-from search_spaces.recipe import ConditionalParameter
+from search_spaces.recipe import evaluate_setting, resolve_setting
 from workers.architecture import CATEGORIES, category
 
 
@@ -28,38 +28,9 @@ def filter_matches(flt: str | None, tensor_name: str) -> bool:
     return flt in tensor_name
 
 
-def _interpolate(values: Sequence[Any], pos: Fraction | float) -> Any:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return values[int(pos * (len(values) - 1))]
-    scaled = pos * (len(values) - 1)
-    i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
-    frac = float(scaled - i0)
-    if frac == 0.0:
-        return values[i0]
-    return (1 - frac) * values[i0] + frac * values[i1]
-
-
 def evaluate(setting: Any, tensor_name: str, pos: Fraction | float) -> Any:
     """Value of one setting for a tensor at relative depth ``pos`` (None: no match)."""
-    if isinstance(setting, ConditionalParameter):
-        setting = [setting]
-    if isinstance(setting, dict) and "value" in setting:
-        setting = [ConditionalParameter.model_validate(setting)]
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(isinstance(v, (bool, int, float, str)) for v in setting):
-            return _interpolate(setting, pos)
-        for cond in setting:
-            if isinstance(cond, dict):
-                cond = ConditionalParameter.model_validate(cond)
-            if filter_matches(cond.filter, tensor_name):
-                return evaluate(cond.value, tensor_name, pos)
-        return None
-    raise ValueError(f"unexpected parameter value {setting!r}")
+    return evaluate_setting(setting, lambda flt: filter_matches(flt, tensor_name), pos)
 
 
 def layer_position(index_in_slice: int, slice_length: int) -> Fraction:
@@ -76,9 +47,4 @@ def resolve(
     pos: Fraction | float,
 ) -> Any:
     """First value of ``name`` found in ``scopes`` (most specific first), else None."""
-    for scope in scopes:
-        if scope and name in scope:
-            value = evaluate(scope[name], tensor_name, pos)
-            if value is not None:
-                return value
-    return None
+    return resolve_setting(name, scopes, lambda flt: filter_matches(flt, tensor_name), pos)
