@@ -360,3 +360,19 @@ def test_events_written_just_after_the_final_status_still_arrive(api, llama):
     kinds = [line.split(":", 1)[1].strip() for line in lines if line.startswith("event:")]
     assert [k for k in kinds if k != "progress"] == [
         "study_submitted", "study_cancel_requested", "study_cancelled", "end"]
+
+
+def test_nul_in_query_or_path_is_a_422_not_a_500(tmp_path, model_root):
+    """PostgreSQL refuses NUL in text: such input is refused before it reaches SQL
+    (found by the schemathesis run)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import get_settings
+
+    settings = get_settings(database_url=f"sqlite:///{tmp_path / 'n.db'}", data_dir=tmp_path / "d",
+                            model_roots=[str(model_root)])
+    with TestClient(create_app(settings, start_controller=False)) as client:
+        assert client.get("/studies", params={"owner": "\x00x"}).status_code == 422
+        assert client.get("/studies", params={"name": "a\x00"}).status_code == 422
+        assert client.get("/studies/ab%00cd").status_code == 422

@@ -23,8 +23,10 @@ from service.spec import StudySpec, StudyValidationError
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
+# text that reaches SQL never holds NUL: PostgreSQL refuses it (a 500 otherwise)
+NO_NUL = r"^[^\x00]*$"
 StudyId = Annotated[str, Path(description="the study's id (from POST /studies)", max_length=36,
-                              examples=["a1b2c3d4e5f6"])]
+                              pattern=NO_NUL, examples=["a1b2c3d4e5f6"])]
 _E401 = {401: {"model": ErrorOut, "description": "no or an invalid bearer token (when auth is on)"}}
 _E404 = {404: {"model": ErrorOut, "description": "no such study"}}
 _E409 = {409: {"model": ErrorOut, "description": "the study's status does not allow this"}}
@@ -130,8 +132,10 @@ async def submit_study(request: Request, state: AppState = Depends(app_state),
 def list_studies(
     state: AppState = Depends(app_state), _: str = Depends(caller),
     status: Union[StudyStatus, None] = Query(None, description="only studies in this status"),
-    owner: Union[str, None] = Query(None, max_length=200, description="only studies of this token name"),
-    name: Union[str, None] = Query(None, max_length=200, description="only names containing this"),
+    owner: Union[str, None] = Query(None, max_length=200, pattern=NO_NUL,
+                                    description="only studies of this token name"),
+    name: Union[str, None] = Query(None, max_length=200, pattern=NO_NUL,
+                                   description="only names containing this"),
     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1),
 ) -> Page[StudyOut]:
     """Studies, newest first."""
