@@ -231,6 +231,8 @@ def _space_form(kind: str, spec_class: type[BaseModel]) -> type[BaseModel]:
     for name, info in spec_class.model_fields.items():
         if name in derived:
             fields[name] = (SkipJsonSchema[Union[Any, None]], Field(default=None, exclude=True))
+        elif name == "kind":  # the discriminator: required in the user's form (and in its schema)
+            fields[name] = (info.annotation, Field(description=f"the space's kind: {kind!r}"))
         else:
             fields[name] = (info.annotation, copy.copy(info))
     validators: dict[str, Any] = {

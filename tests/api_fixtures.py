@@ -37,10 +37,10 @@ class FakeController:
             s.add(Event(study_id=study_id, kind=f"study_{status.value}", data={"status": status.value}))
 
     def add_trial(self, study_id: str, number: int, fitness: float | None,
-                  state: TrialState = TrialState.COMPLETE) -> None:
+                  state: TrialState = TrialState.COMPLETE, values: list[float] | None = None) -> None:
         with self.sessions.begin() as s:
             s.add(Trial(study_id=study_id, number=number, fitness=fitness, state=state,
-                        params={"x": number}, scores={"t/m": fitness}, values=[fitness]))
+                        params={"x": number}, scores={"t/m": fitness}, values=values or [fitness]))
             study = s.get(Study, study_id)
             assert study is not None
             if state == TrialState.COMPLETE:

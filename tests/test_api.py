@@ -174,6 +174,38 @@ def test_trials_sort_paginate_and_best(api, llama):
     assert api.get(f"/studies/{sid}").json()["best_value"] == 0.9
 
 
+def test_pareto_front_of_a_multi_objective_study(api, llama):
+    mo = submit(api, llama, multi_objective=True, optimizer={"name": "nsga2", "population_size": 4},
+                evaluation={"evaluator": "noop", "objectives": [{"task": "a", "metric": "m"},
+                                                                {"task": "b", "metric": "m"}]})
+    sid = mo["id"]
+    assert mo["multi_objective"] is True
+    assert api.get(f"/studies/{sid}/front").json() == []
+    points = {0: [0.1, 0.9], 1: [0.5, 0.5], 2: [0.4, 0.4], 3: [0.9, 0.1], 4: [0.5, 0.5]}
+    for n, values in points.items():
+        api.ctl.add_trial(sid, n, None, values=values)
+    api.ctl.add_trial(sid, 5, None, TrialState.FAILED, values=[9.0, 9.0])  # failed: never on the front
+    front = api.get(f"/studies/{sid}/front").json()
+    assert [t["number"] for t in front] == [0, 1, 3, 4]  # 2 is dominated by 1; equal 1 and 4 both stay
+    best = api.get(f"/studies/{sid}/best")
+    assert best.status_code == 409 and f"/studies/{sid}/front" in best.json()["detail"]
+    single = submit(api, llama)["id"]
+    assert api.get(f"/studies/{single}").json()["multi_objective"] is False
+    for n, fit in enumerate([0.3, 0.7, 0.7]):
+        api.ctl.add_trial(single, n, fit)
+    assert [t["number"] for t in api.get(f"/studies/{single}/front").json()] == [1, 2]
+    assert api.get("/studies/nope/front").status_code == 404
+
+
+def test_pareto_front_function():
+    from service.pareto import dominates, pareto_front
+
+    assert dominates([1, 1], [1, 0]) and not dominates([1, 0], [1, 0]) and not dominates([1, 0], [0, 1])
+    assert pareto_front([]) == []
+    assert pareto_front([(7, [1.0, 2.0, 3.0])]) == [7]
+    assert pareto_front([(0, [1, 2, 3]), (1, [1, 2, 4]), (2, [0, 5, 0])]) == [1, 2]
+
+
 # ---- changing ------------------------------------------------------------------------------------
 def test_pause_resume_cancel_transitions(api, llama):
     sid = submit(api, llama)["id"]
@@ -282,7 +314,8 @@ def authed(db_url, tmp_path, model_root, llama):
 def test_auth_required_everywhere_but_health(authed, llama):
     assert authed.get("/health").status_code == 200
     calls = [("POST", "/studies"), ("GET", "/studies"), ("GET", "/studies/x"), ("GET", "/studies/x/trials"),
-             ("GET", "/studies/x/trials/0"), ("GET", "/studies/x/best"), ("POST", "/studies/x/pause"),
+             ("GET", "/studies/x/trials/0"), ("GET", "/studies/x/best"), ("GET", "/studies/x/front"),
+             ("POST", "/studies/x/pause"),
              ("POST", "/studies/x/resume"), ("POST", "/studies/x/cancel"), ("DELETE", "/studies/x"),
              ("GET", "/studies/x/events")]
     for method, path in calls:

@@ -109,6 +109,17 @@ def test_unknown_space_kind():
     assert "space.kind" in p.fix
 
 
+def test_the_json_schema_marks_space_kind_required():
+    """A client that generates forms from the schema must ask for `kind` (the discriminator)."""
+    schema = StudySpec.model_json_schema()
+    forms = [schema["$defs"][ref.split("/")[-1]] for ref in
+             schema["properties"]["space"]["discriminator"]["mapping"].values()]
+    assert len(forms) >= 2
+    for form in forms:
+        assert "kind" in form["required"], form["title"]
+        assert "default" not in form["properties"]["kind"]
+
+
 @pytest.mark.parametrize("budget, words", [
     ({"max_trials": 1_000_000}, "outside 1 … 100000"),
     ({"max_trials": 0}, "at least one trial"),

@@ -39,6 +39,12 @@ class HealthOut(BaseModel):
     auth: bool = Field(description="whether requests need a bearer token")
 
 
+def submitted_spec(study: Study) -> dict[str, Any]:
+    """The spec as submitted (the API stores ``{"spec": ..., "warnings": ...}``)."""
+    stored = study.spec if isinstance(study.spec, dict) else {}
+    return stored["spec"] if isinstance(stored.get("spec"), dict) else stored
+
+
 class StudyOut(BaseModel):
     """A study: its status and progress. ``spec`` is the spec as submitted."""
 
@@ -55,7 +61,10 @@ class StudyOut(BaseModel):
     max_seconds: Union[float, None] = Field(description="the budget's max_seconds")
     elapsed_seconds: float
     best_trial_number: Union[int, None]
-    best_value: Union[float, None] = Field(description="the best fitness so far (higher is better)")
+    best_value: Union[float, None] = Field(
+        description="the best fitness so far (higher is better); None for a multi-objective study")
+    multi_objective: bool = Field(
+        False, description="its best is a Pareto front (GET /studies/{id}/front), not one trial")
     error: Union[str, None] = Field(description="why the study failed")
     warnings: list[str] = Field(default_factory=list, description="accepted at submission, but worth a look")
     spec: dict[str, Any] = Field(description="the study spec as submitted (docs/study-spec.md)")
@@ -70,7 +79,7 @@ class StudyOut(BaseModel):
     @classmethod
     def of(cls, study: Study) -> StudyOut:
         stored = study.spec if isinstance(study.spec, dict) else {}
-        spec = stored.get("spec") if isinstance(stored.get("spec"), dict) else stored
+        spec = submitted_spec(study)
         budget = spec.get("budget") or {}
         return cls(
             id=study.id, name=study.name, status=study.status, owner=study.owner,
@@ -78,7 +87,7 @@ class StudyOut(BaseModel):
             trials_done=study.trials_done or 0, trials_failed=study.trials_failed or 0,
             max_trials=budget.get("max_trials"), max_seconds=budget.get("max_seconds"),
             elapsed_seconds=study.elapsed_seconds or 0.0, best_trial_number=study.best_trial_number,
-            best_value=study.best_value, error=study.error,
+            best_value=study.best_value, error=study.error, multi_objective=bool(spec.get("multi_objective")),
             warnings=list(stored.get("warnings") or []), spec=spec,
         )
 

@@ -16,9 +16,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import AppState, app_state, caller
-from service.api.schemas import ErrorOut, Page, ProblemsOut, StudyOut, TrialOut
+from service.api.schemas import ErrorOut, Page, ProblemsOut, StudyOut, TrialOut, submitted_spec
 from service.db.models import Event, Study, StudyStatus, Trial, TrialState
 from service.db.types import utcnow
+from service.pareto import pareto_front
 from service.spec import StudySpec, StudyValidationError
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -204,9 +205,14 @@ def get_trial(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples
             responses={**_E401, 404: {"model": ErrorOut,
                                       "description": "no such study, or no complete trial yet"}})
 def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> TrialOut:
-    """The study's best trial (the controller's pick), else the complete trial of highest fitness."""
+    """The study's best trial (the controller's pick), else the complete trial of highest fitness.
+    A multi-objective study has no single best: GET /studies/{id}/front lists its Pareto front."""
     with state.sessions() as session:
         study = _get_study(session, study_id)
+        if _multi_objective(study):
+            raise HTTPException(409, f"study {study_id!r} is multi-objective: its best is a Pareto front, "
+                                     f"not one trial; GET /studies/{study_id}/front lists it, then pick a "
+                                     f"trial by number")
         complete = select(Trial).where(Trial.study_id == study_id, Trial.state == TrialState.COMPLETE)
         trial = None
         if study.best_trial_number is not None:
@@ -218,6 +224,27 @@ def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str =
             raise HTTPException(404, f"study {study_id!r} has no complete trial yet "
                                      f"({study.status.value}); try again later")
         return TrialOut.of(trial)
+
+
+@router.get("/{study_id}/front", response_model=list[TrialOut], summary="The Pareto front",
+            responses={**_E401, **_E404})
+def pareto_front_trials(study_id: StudyId, state: AppState = Depends(app_state),
+                        _: str = Depends(caller)) -> list[TrialOut]:
+    """The complete trials no other complete trial dominates (every value higher is better),
+    by number. For a single-objective study: the trial(s) of the highest fitness. Empty while
+    no trial is complete."""
+    with state.sessions() as session:
+        _get_study(session, study_id)
+        rows = list(session.scalars(select(Trial).where(
+            Trial.study_id == study_id, Trial.state == TrialState.COMPLETE).order_by(Trial.number)))
+        valued = [(t.number, [float(v) for v in t.values])
+                  for t in rows if isinstance(t.values, list) and t.values]
+        keep = set(pareto_front(valued))
+        return [TrialOut.of(t) for t in rows if t.number in keep]
+
+
+def _multi_objective(study: Study) -> bool:
+    return bool(submitted_spec(study).get("multi_objective"))
 
 
 # ---- change ------------------------------------------------------------------------------
