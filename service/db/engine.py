@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,47 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_journal(dbapi_connection: Any) -> None:
+    """WAL, and ``synchronous=NORMAL`` with it, on a new SQLite connection.
+
+    WAL lets the API read while the controller writes; it is a property of the file.
+    ``synchronous`` is a property of each connection (SQLite's default, FULL, fsyncs the
+    WAL at every commit: about a millisecond each, and Optuna commits several times per
+    trial). With NORMAL a commit is durable against the process being killed (the WAL is
+    in the OS's page cache); a power cut or OS crash may lose the last commits before a
+    checkpoint, never corrupt the file, and since every connection appends to the same
+    WAL what survives is every transaction up to some point — the state of an earlier
+    moment, which a restart handles like a crash at that moment (docs/controller.md).
+    """
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        # WAL lets the API read while the controller writes; it is a property of the file.
         mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
         if mode and str(mode[0]).lower() == "wal":
             cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    finally:
+        cursor.close()
+    _sqlite_journal(dbapi_connection)
+
+
+class JournaledSQLiteConnection(sqlite3.Connection):
+    """A ``sqlite3`` connection that sets WAL and ``synchronous=NORMAL`` as it opens
+    (:func:`_sqlite_journal`). For engines evomerge does not create itself (Optuna's
+    ``RDBStorage``): pass it as ``connect_args={"factory": JournaledSQLiteConnection}``.
+    A class rather than an engine event, so that it survives Optuna re-creating its
+    engine (``RDBStorage`` is rebuilt from its URL and engine arguments when unpickled)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _sqlite_journal(self)
 
 
 def make_engine(url: str | URL, *, create_dirs: bool = True, **kwargs: Any) -> Engine:

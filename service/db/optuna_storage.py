@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.db.engine import SQLITE_BUSY_TIMEOUT_S, normalize_url, url_string
+from service.db.engine import SQLITE_BUSY_TIMEOUT_S, JournaledSQLiteConnection, normalize_url, url_string
 
 if TYPE_CHECKING:
     import optuna
@@ -22,7 +22,10 @@ def optuna_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
 
     engine_kwargs = dict(kwargs.pop("engine_kwargs", None) or {})
     if normalize_url(url).get_backend_name() == "sqlite":
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kwargs.get("connect_args", {})}
+        # WAL + synchronous=NORMAL as on our own engine (service.db.engine): without it each of
+        # Optuna's several commits per trial fsyncs
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, "factory": JournaledSQLiteConnection,
+                        **engine_kwargs.get("connect_args", {})}
         engine_kwargs["connect_args"] = connect_args
     else:
         engine_kwargs.setdefault("pool_pre_ping", True)
