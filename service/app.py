@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
-from service.api import events, studies
+from service.api import events, exports, studies
 from service.api.deps import AppState, app_state
 from service.api.schemas import ErrorOut, HealthOut
 from service.settings import Settings, get_settings
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, *, start_controller: bool = Tru
     app = FastAPI(title="evomerge", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
     app.include_router(studies.router)
     app.include_router(events.router)
+    app.include_router(exports.router)
 
     @app.get("/health", response_model=HealthOut, tags=["service"], summary="Is the service up?",
              responses={503: {"model": ErrorOut,

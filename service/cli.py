@@ -137,7 +137,7 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     from service.db.tokens import create_token
 
     with _token_session(args) as session:
-        token = create_token(session, args.name)
+        token = create_token(session, args.name, args.scopes)
     print(token)
     print(f"(token {args.name!r} created; it cannot be shown again: store it now. "
           "Send it as 'Authorization: Bearer <token>'.)", file=sys.stderr)
@@ -155,7 +155,8 @@ def _cmd_token_list(args: argparse.Namespace) -> int:
         for t in tokens:
             used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
             state = "revoked" if t.revoked else "active"
-            print(f"{t.name:24s} {state:8s} created {t.created_at:%Y-%m-%d %H:%M} UTC  last used {used}")
+            print(f"{t.name:24s} {state:8s} {t.scopes:20s} created {t.created_at:%Y-%m-%d %H:%M} UTC  "
+                  f"last used {used}")
     return 0
 
 
@@ -317,6 +318,45 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+@_api_errors
+def _cmd_download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from service.download import DownloadError, download
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} exists and is not empty (--force replaces it)", file=sys.stderr)
+        return 2
+    bars: dict[str, Any] = {}
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase not in bars:
+            for bar in bars.values():
+                bar.close()
+            unit = {"export": "‰", "download": "B"}[phase]
+            bars[phase] = tqdm(total=total, unit=unit, unit_scale=phase == "download", file=sys.stderr,
+                               desc="exporting" if phase == "export" else "downloading", dynamic_ncols=True)
+        bars[phase].n = done
+        bars[phase].refresh()
+
+    try:
+        with _client(args) as client:
+            export = download(client, args.id, out, trial=args.trial, keep_archive=args.keep_archive,
+                              progress=None if args.quiet else progress)
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(f"trial {export['trial_number']} of study {args.id} -> {out} "
+          f"({export['size_bytes'] / 1e6:.1f} MB, sha256 {export['sha256'][:16]}… verified)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import SettingsError, get_settings
 
@@ -377,6 +417,16 @@ def _add_client_commands(sub: Any) -> None:
         _client_options(p)
         p.set_defaults(func=_cmd_action, action=action)
 
+    p = sub.add_parser("download", help="export a trial's merged model and download it (resumable)")
+    p.add_argument("id", help="the study")
+    p.add_argument("out", help="folder to put the model in (a Hugging Face model folder)")
+    p.add_argument("--trial", type=int, default=None, help="the trial number (default: the best)")
+    p.add_argument("--keep-archive", action="store_true", help="keep OUT.tar beside the folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _client_options(p)
+    p.set_defaults(func=_cmd_download)
+
     p = sub.add_parser("delete", help="delete a study that is not running, with its trials")
     p.add_argument("id")
     _client_options(p)
@@ -424,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     p = token_sub.add_parser("create", help="create a token and print it (once)")
     p.add_argument("name", help="a name for the token, e.g. the person or machine using it")
+    p.add_argument("--scopes", default=None,
+                   help="comma-separated: read (see studies), write (submit and change them), download "
+                        "(export and download models); default: all three")
     p.add_argument("--database-url", default=None, help=url_help)
     p.set_defaults(func=_cmd_token_create)
     p = token_sub.add_parser("list", help="list tokens (names and dates, never the secrets)")

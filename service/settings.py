@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     max_workers: int = Field(2, ge=1)
     lease_seconds: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1_000_000, gt=0)
+    export_budget_bytes: int | None = Field(
+        None, ge=0, description="disk budget for exports under data_dir/exports; over it, least recently "
+        "used exports that are not a study's best (nor being downloaded) are evicted. None: no limit")
+    export_shard_size: str = Field("5GB", description="safetensors shard size of exported models")
 
     @field_validator("data_dir")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,25 @@ class FakeController:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def write_export(root: Path, key: str, files: dict[str, bytes]) -> tuple[Path, dict]:
+    """A complete export folder as a worker leaves it: files, then the manifest."""
+    from service.archive import plan_archive
+    from service.exports import MANIFEST
+
+    folder = root / key
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    plan = plan_archive(folder, key, exclude={MANIFEST})
+    manifest = {"key": key, "archive_prefix": key, "archive_sha256": plan.sha256(),
+                "archive_size": plan.size,
+                "files": [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                          for n, d in sorted(files.items())]}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder, manifest
+
 
 
 # ---- fixtures (import them into a test module to use them) ------------------------------------

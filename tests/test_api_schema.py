@@ -24,9 +24,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.app import create_app
-from service.db import Study, StudyStatus, create_token, session_factory
+from service.db import Artifact, ArtifactState, Study, StudyStatus, create_token, session_factory
 from service.db.testing import temporary_database
-from tests.api_fixtures import FakeController, make_settings
+from tests.api_fixtures import FakeController, make_settings, write_export
 
 EXAMPLE_ID = "a1b2c3d4e5f6"  # the id in the schema's examples
 TOKEN: dict[str, str] = {}
@@ -50,6 +50,11 @@ def live_app(request, tmp_path_factory, model_root):
                             spec={"spec": {"name": "example", "budget": {"max_trials": 3}}}))
             for n, fit in enumerate([0.1, 0.7]):
                 ctl.add_trial(EXAMPLE_ID, n, fit)
+            folder, manifest = write_export(tmp / "exports", "e" * 64, {"README.md": b"# card\n"})
+            with session_factory(ctl.engine).begin() as s:
+                s.add(Artifact(study_id=EXAMPLE_ID, trial_number=1, kind="export", path=str(folder),
+                               state=ArtifactState.READY, sha256=manifest["archive_sha256"],
+                               size_bytes=manifest["archive_size"], export_key=manifest["key"]))
             yield schemathesis.openapi.from_asgi("/openapi.json", app)
             ctl.close()
 
@@ -60,7 +65,7 @@ def test_api_conforms_to_its_schema(live_app):
     operations = [result.ok() for result in live_app.get_all_operations()]
     # reads first, DELETE last: the example study must exist while the reads run
     operations.sort(key=lambda op: {"GET": 0, "POST": 1, "DELETE": 2}[op.method.upper()])
-    assert len(operations) == 12, [op.label for op in operations]
+    assert len(operations) == 20, [op.label for op in operations]
     failures: list[str] = []
     seen: dict[str, set[int]] = {}
     for operation in operations:
@@ -78,7 +83,9 @@ def test_api_conforms_to_its_schema(live_app):
         try:
             if "{study_id}" in label and operation.method.upper() == "GET":
                 # the example study, always (generation alone may never hit an existing id)
-                case = operation.Case(path_parameters={"study_id": EXAMPLE_ID, "number": 1})
+                params = {"study_id": EXAMPLE_ID, "number": 1, "export_id": 1, "name": "README.md"}
+                case = operation.Case(path_parameters={k: v for k, v in params.items()
+                                                       if f"{{{k}" in label})
                 response = case.call_and_validate(headers=headers, checks=CHECKS)
                 assert response.status_code < 500, response.text
                 seen.setdefault(label, set()).add(response.status_code)

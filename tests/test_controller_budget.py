@@ -39,7 +39,7 @@ def settings(db, tmp_path, model_root):
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # the clock is database-agnostic
 def test_a_time_budget_ends_the_study_and_paused_time_does_not_count(llama, db, settings, ray_local):
-    url, sessions = db
+    _, sessions = db
     budget_s, delay, pause_s = 8.0, 0.2, 3.0
     sid = add_study(sessions, spec(llama, trials=0, delay=delay, budget={"max_seconds": budget_s}))
     controller = Controller(settings, sessions)
@@ -71,7 +71,7 @@ def test_a_time_budget_ends_the_study_and_paused_time_does_not_count(llama, db, 
 
 
 def test_a_multi_objective_study_runs_and_keeps_every_value(llama, db, settings, ray_local):
-    url, sessions = db
+    _, sessions = db
     data = spec(llama, trials=8, optimizer="nsga2", multi_objective=True)
     data["evaluation"]["objectives"] = [{"task": "fingerprint", "metric": "mean"},
                                         {"task": "fingerprint", "metric": "mean", "name": "again"}]

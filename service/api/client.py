@@ -99,6 +99,34 @@ class Client:
     def delete(self, study_id: str) -> None:
         self.request("DELETE", f"/studies/{study_id}")
 
+    def export(self, study_id: str, trial: int | None = None) -> dict[str, Any]:
+        """Ask for an export (or get the existing one) of ``trial`` (default: the best)."""
+        return self.request("POST", f"/studies/{study_id}/exports", json={"trial": trial})
+
+    def export_state(self, study_id: str, export_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/studies/{study_id}/exports/{export_id}")
+
+    def stream(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        """A streaming GET (a context manager over an ``httpx.Response``); errors raise ApiError."""
+        import contextlib
+
+        import httpx
+
+        @contextlib.contextmanager
+        def opened() -> Iterator[Any]:
+            try:
+                with self._http.stream("GET", path, headers=headers or {},
+                                       timeout=httpx.Timeout(60.0, read=300.0)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise ApiError(response.status_code, _detail(response))
+                    yield response
+            except httpx.TransportError as exc:
+                raise ApiError(None, f"the download from {self.url} broke off ({exc}); run the same "
+                                     "command again to resume it") from None
+
+        return opened()
+
     def events(self, study_id: str, after: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """(kind, data) of each server-sent event until ``end``; reconnects (after the last id) if the
         server closes the stream early."""

@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.tokens import verify_token
+from service.db.tokens import SCOPES, verify_token
 from service.settings import Settings
 
 LOCAL_OWNER = "local"
@@ -45,11 +45,14 @@ def _unauthorized(reason: str) -> HTTPException:
 
 
 def caller(
+    request: Request,
     state: AppState = Depends(app_state),
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> str:
-    """The caller's name (the token's), or 401. Runs in a threadpool (a database lookup)."""
+    """The caller's name (the token's), or 401. Runs in a threadpool (a database lookup).
+    The token's scopes are left in ``request.state.scopes`` for :func:`require`."""
     if not state.settings.auth:
+        request.state.scopes = frozenset(SCOPES)
         return LOCAL_OWNER
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized(
@@ -63,4 +66,28 @@ def caller(
                 "the API token is not valid or was revoked: check it, or create a new one with "
                 "`evomerge token create NAME` (`evomerge token list` shows the active ones)"
             )
+        request.state.scopes = frozenset(token.scopes.split(","))
         return token.name
+
+
+def require(scope: str) -> Any:
+    """A dependency: the caller's name when its token has ``scope``, else 403."""
+    assert scope in SCOPES, scope
+
+    def check(request: Request, who: str = Depends(caller)) -> str:
+        if scope not in getattr(request.state, "scopes", frozenset()):
+            raise HTTPException(403, f"the token {who!r} may not {_DOING[scope]}: it lacks the {scope!r} "
+                                     f"scope (create one with `evomerge token create NAME --scopes "
+                                     f"read,write,download`)")
+        return who
+
+    check.__name__ = f"require_{scope}"
+    return Depends(check)
+
+
+_DOING = {"read": "read studies", "write": "change studies", "download": "export or download models"}
+
+
+READ = require("read")
+WRITE = require("write")
+DOWNLOAD = require("download")

@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.api.deps import AppState, app_state, caller
+from service.api.deps import READ, AppState, app_state
 from service.api.schemas import ErrorOut, StudyOut
 from service.api.studies import StudyId
 from service.db.models import Event, Study
@@ -104,7 +104,7 @@ async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[Se
         404: {"model": ErrorOut, "description": "no such study"}},
 )
 async def study_events(
-    study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller),
+    study_id: StudyId, state: AppState = Depends(app_state), _: str = READ,
     after: Union[int, None] = Query(None, ge=0, le=2**62, description="send only events with a larger id"),
     last_event_id: Union[str, None] = Header(None, include_in_schema=False),
 ) -> EventSourceResponse:

@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.db.models import Study, StudyStatus, Trial, TrialState
+from service.db.models import Baseline, Study, StudyStatus, Trial, TrialState
 from service.spec import Problem
 
 T = TypeVar("T")
@@ -127,6 +127,28 @@ class TrialOut(BaseModel):
             worker=trial.worker, created_at=trial.created_at, started_at=trial.started_at,
             finished_at=trial.finished_at,
         )
+
+
+class BaselineOut(BaseModel):
+    """A reference point: a source model alone (``source``), the uniform average (``uniform``),
+    or plain task arithmetic (``task_arithmetic``), scored like a trial."""
+
+    name: str = Field(examples=["source: v2-seed0/math"])
+    kind: str = Field(examples=["source"])
+    state: TrialState
+    recipe: Union[dict[str, Any], None]
+    scores: Union[dict[str, Any], None]
+    values: Union[list[Any], None]
+    fitness: Union[float, None]
+    heldout_scores: Union[dict[str, Any], None] = Field(
+        description="on the held-out split, if the spec has one")
+    error: Union[str, None]
+
+    @classmethod
+    def of(cls, b: Baseline) -> BaselineOut:
+        return cls(name=b.name, kind=b.kind, state=b.state, recipe=b.recipe, scores=b.scores,
+                   values=b.values if isinstance(b.values, list) else None, fitness=b.fitness,
+                   heldout_scores=b.heldout_scores, error=b.error)
 
 
 class Page(BaseModel, Generic[T]):

@@ -15,9 +15,17 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.api.deps import AppState, app_state, caller
-from service.api.schemas import ErrorOut, Page, ProblemsOut, StudyOut, TrialOut, submitted_spec
-from service.db.models import Event, Study, StudyStatus, Trial, TrialState
+from service.api.deps import READ, WRITE, AppState, app_state
+from service.api.schemas import (
+    BaselineOut,
+    ErrorOut,
+    Page,
+    ProblemsOut,
+    StudyOut,
+    TrialOut,
+    submitted_spec,
+)
+from service.db.models import Baseline, Event, Study, StudyStatus, Trial, TrialState
 from service.db.types import utcnow
 from service.pareto import pareto_front
 from service.spec import StudySpec, StudyValidationError
@@ -114,7 +122,7 @@ def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
     }}},
 )
 async def submit_study(request: Request, state: AppState = Depends(app_state),
-                       owner: str = Depends(caller)) -> StudyOut:
+                       owner: str = WRITE) -> StudyOut:
     """Validate a study spec (docs/study-spec.md) as JSON or YAML and queue it.
 
     Everything is checked before any compute: a refused spec gets a 422 whose `detail`
@@ -131,7 +139,7 @@ async def submit_study(request: Request, state: AppState = Depends(app_state),
 # ---- read --------------------------------------------------------------------------------
 @router.get("", response_model=Page[StudyOut], summary="List studies", responses=_E401)
 def list_studies(
-    state: AppState = Depends(app_state), _: str = Depends(caller),
+    state: AppState = Depends(app_state), _: str = READ,
     status: Union[StudyStatus, None] = Query(None, description="only studies in this status"),
     owner: Union[str, None] = Query(None, max_length=200, pattern=NO_NUL,
                                     description="only studies of this token name"),
@@ -155,7 +163,7 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyOut, summary="One study", responses={**_E401, **_E404})
-def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> StudyOut:
+def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ) -> StudyOut:
     with state.sessions() as session:
         return StudyOut.of(_get_study(session, study_id))
 
@@ -172,7 +180,7 @@ _SORTS: dict[str, Any] = {
 @router.get("/{study_id}/trials", response_model=Page[TrialOut], summary="A study's trials",
             responses={**_E401, **_E404})
 def list_trials(
-    study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller),
+    study_id: StudyId, state: AppState = Depends(app_state), _: str = READ,
     sort: TrialSort = Query("number", description="a field, '-' first for descending; nulls last"),
     trial_state: Union[TrialState, None] = Query(None, alias="state",
                                                  description="only trials in this state"),
@@ -191,7 +199,7 @@ def list_trials(
 @router.get("/{study_id}/trials/{number}", response_model=TrialOut, summary="One trial",
             responses={**_E401, 404: {"model": ErrorOut, "description": "no such study or trial"}})
 def get_trial(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples=[1]),
-              state: AppState = Depends(app_state), _: str = Depends(caller)) -> TrialOut:
+              state: AppState = Depends(app_state), _: str = READ) -> TrialOut:
     with state.sessions() as session:
         _get_study(session, study_id)
         trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number))
@@ -204,7 +212,7 @@ def get_trial(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples
 @router.get("/{study_id}/best", response_model=TrialOut, summary="The best complete trial",
             responses={**_E401, 404: {"model": ErrorOut,
                                       "description": "no such study, or no complete trial yet"}})
-def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> TrialOut:
+def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ) -> TrialOut:
     """The study's best trial (the controller's pick), else the complete trial of highest fitness.
     A multi-objective study has no single best: GET /studies/{id}/front lists its Pareto front."""
     with state.sessions() as session:
@@ -229,7 +237,7 @@ def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str =
 @router.get("/{study_id}/front", response_model=list[TrialOut], summary="The Pareto front",
             responses={**_E401, **_E404})
 def pareto_front_trials(study_id: StudyId, state: AppState = Depends(app_state),
-                        _: str = Depends(caller)) -> list[TrialOut]:
+                        _: str = READ) -> list[TrialOut]:
     """The complete trials no other complete trial dominates (every value higher is better),
     by number. For a single-objective study: the trial(s) of the highest fitness. Empty while
     no trial is complete."""
@@ -241,6 +249,40 @@ def pareto_front_trials(study_id: StudyId, state: AppState = Depends(app_state),
                   for t in rows if isinstance(t.values, list) and t.values]
         keep = set(pareto_front(valued))
         return [TrialOut.of(t) for t in rows if t.number in keep]
+
+
+@router.get("/{study_id}/trials/{number}/view", response_model=dict[str, Any],
+            summary="A trial's recipe, readable: coefficients per layer, or the layer path",
+            responses={**_E401, 404: {"model": ErrorOut, "description": "no such study or trial"}})
+def trial_view(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples=[1]),
+               state: AppState = Depends(app_state), _: str = READ) -> dict[str, Any]:
+    """Parameter space: one panel per parameter (layers × models); stacking: the path of
+    (source model, layer, scale) per output layer. Models are named as the spec names them.
+    404 when the trial has no recipe (a point that could not be decoded)."""
+    from service.recipe_view import recipe_view
+
+    with state.sessions() as session:
+        study = _get_study(session, study_id)
+        trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number))
+        if trial is None or not trial.recipe:
+            raise HTTPException(404, f"study {study_id!r} has no trial {number} with a recipe")
+        stored = study.spec if isinstance(study.spec, dict) else {}
+        names = {m["ref"]: m["given"] for m in stored.get("models") or [] if "ref" in m and "given" in m}
+        num_layers = (stored.get("space_spec") or {}).get("num_layers")
+        return recipe_view(trial.recipe, num_layers=num_layers, names=names)
+
+
+@router.get("/{study_id}/baselines", response_model=list[BaselineOut],
+            summary="Reference scores: each source model alone and simple merges",
+            responses={**_E401, **_E404})
+def list_baselines(study_id: StudyId, state: AppState = Depends(app_state),
+                   _: str = READ) -> list[BaselineOut]:
+    """Scored by the controller on the study's objectives (and held-out split, if any) so that
+    the evolved result can be read against them."""
+    with state.sessions() as session:
+        _get_study(session, study_id)
+        rows = session.scalars(select(Baseline).where(Baseline.study_id == study_id).order_by(Baseline.id))
+        return [BaselineOut.of(b) for b in rows]
 
 
 def _multi_objective(study: Study) -> bool:
@@ -271,7 +313,7 @@ def _transition(state: AppState, study_id: str, action: str, who: str) -> StudyO
 
 def _action_route(action: str, summary: str, doc: str) -> None:
     def route(study_id: StudyId, state: AppState = Depends(app_state),
-              who: str = Depends(caller)) -> StudyOut:
+              who: str = WRITE) -> StudyOut:
         return _transition(state, study_id, action, who)
 
     route.__doc__ = doc
@@ -289,7 +331,7 @@ _action_route("cancel", "Cancel a study",
 
 @router.delete("/{study_id}", status_code=204, summary="Delete a study",
                responses={**_E401, **_E404, 409: {"model": ErrorOut, "description": "the study is running"}})
-def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = Depends(caller)) -> None:
+def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = WRITE) -> None:
     """Delete a study that is not running, with its trials, events and artifact records."""
     with state.sessions.begin() as session:
         study = _get_study(session, study_id)

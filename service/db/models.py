@@ -105,9 +105,11 @@ class TrialState(str, enum.Enum):
 
 
 class ArtifactState(str, enum.Enum):
-    PENDING = "pending"
-    READY = "ready"
+    PENDING = "pending"  # asked for; the controller has not started it
+    RUNNING = "running"  # a worker is writing it
+    READY = "ready"  # complete on disk: servable
     FAILED = "failed"
+    EVICTED = "evicted"  # removed by the retention policy (ask again to rebuild it)
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -195,7 +197,10 @@ class Trial(Base):
 
 class Artifact(Base):
     __tablename__ = "em_artifacts"
-    __table_args__ = (Index("ix_em_artifacts_study_id_trial_number", "study_id", "trial_number"),)
+    __table_args__ = (
+        Index("ix_em_artifacts_study_id_trial_number", "study_id", "trial_number"),
+        Index("ix_em_artifacts_state", "state"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     study_id: Mapped[str] = mapped_column(ForeignKey("em_studies.id", ondelete="CASCADE"))
@@ -207,8 +212,36 @@ class Artifact(Base):
     state: Mapped[ArtifactState] = mapped_column(_enum(ArtifactState), default=ArtifactState.PENDING)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    export_key: Mapped[str | None] = mapped_column(String(64), index=True)  # content address
+    progress: Mapped[float | None] = mapped_column(Float)  # 0..1 while running
+    requested_by: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_accessed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    download_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # never evict before
 
     study: Mapped[Study] = relationship(back_populates="artifacts")
+
+
+class Baseline(Base):
+    """A reference score beside the search: a source model alone, or the uniform merge."""
+
+    __tablename__ = "em_baselines"
+    __table_args__ = (UniqueConstraint("study_id", "name", name="uq_em_baselines_study_id_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("em_studies.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))  # "source" | "uniform"
+    recipe: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    state: Mapped[TrialState] = mapped_column(_enum(TrialState), default=TrialState.PENDING)
+    scores: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    values: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    fitness: Mapped[float | None] = mapped_column(Float)
+    heldout_scores: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Event(Base):
@@ -238,6 +271,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    scopes: Mapped[str] = mapped_column(String(100), default="read,write,download",
+                                        server_default="read,write,download")
 
     def __repr__(self) -> str:
         return f"ApiToken(name={self.name!r}, revoked={self.revoked})"

@@ -42,12 +42,31 @@ def _check_name(name: str) -> str:
     return name
 
 
-def create_token(session: Session, name: str) -> str:
-    """Create a token called ``name`` and return it: the only time it can be seen.
+SCOPES = ("read", "write", "download")
+"""read: see studies; write: submit, pause/resume/cancel, delete; download: export and
+download merged models (weights can be worth more than a view of the scores)."""
+
+
+def parse_scopes(scopes: str | list[str] | tuple[str, ...] | None) -> str:
+    """Validated, canonical scopes (comma-joined, in ``SCOPES`` order); None means all."""
+    if scopes is None:
+        return ",".join(SCOPES)
+    items = [x.strip() for x in (scopes.split(",") if isinstance(scopes, str) else scopes) if x.strip()]
+    unknown = sorted(set(items) - set(SCOPES))
+    if unknown or not items:
+        raise TokenError(f"unknown or empty token scopes {unknown or items!r}: choose from "
+                         f"{', '.join(SCOPES)} (comma-separated, e.g. 'read,download')")
+    return ",".join(s for s in SCOPES if s in items)
+
+
+def create_token(session: Session, name: str, scopes: str | list[str] | None = None) -> str:
+    """Create a token called ``name`` with ``scopes`` (default: all) and return it: the only
+    time it can be seen.
 
     Refused while another unrevoked token has the same name (revoke it first).
     """
     _check_name(name)
+    scope_text = parse_scopes(scopes)
     active = session.scalar(select(ApiToken).where(ApiToken.name == name, ApiToken.revoked.is_(False)))
     if active is not None:
         raise TokenError(
@@ -55,7 +74,7 @@ def create_token(session: Session, name: str) -> str:
             f"revoke it first (`evomerge token revoke {name}`) or choose another name"
         )
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(name=name, token_hash=hash_token(token)))
+    session.add(ApiToken(name=name, token_hash=hash_token(token), scopes=scope_text))
     session.flush()
     return token
 
