@@ -9,7 +9,6 @@ before the folder is renamed into place) exists.
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 from service.db.models import Artifact, ArtifactState, Study
 from service.db.types import utcnow
 from service.settings import Settings
+from workers.export_store import remove_export  # torch-free
 
 MANIFEST = "evomerge_export.json"
 EXPORT_KIND = "export"
@@ -84,7 +84,8 @@ def evict(session: Session, settings: Settings, *, keep_free: int = 0) -> list[i
             break
         if protected(items):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        folder = Path(path)
+        remove_export(folder.parent, folder.name)  # renamed out of place first: never half-served
         for a in items:
             a.state = ArtifactState.EVICTED
             a.error = "evicted by the retention policy (EVOMERGE_EXPORT_BUDGET_BYTES); POST the export again"
