@@ -159,8 +159,9 @@ class ParameterSpaceSpec(SpaceSpecBase):
                 raise ValueError(f"module filters {seen_tags[_tag(f)]!r} and {f!r} are the same filter")
             seen_tags[_tag(f)] = f
         allowed = set(info.fixed) | (set() if self.search_density else {"density"})
+        searched = {p for p in info.model_params if p != "density" or self.search_density}
         for key in self.parameters:
-            if key in info.model_params or key in info.global_params:
+            if key in searched or key in info.global_params:
                 raise ValueError(f"parameter {key!r} is searched by this space; remove it from parameters")
             if key not in allowed:
                 takes = ", ".join(sorted(allowed)) or "none"

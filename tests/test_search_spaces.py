@@ -242,6 +242,13 @@ def test_fixed_parameters_and_merge_settings_reach_the_recipe():
     assert recipe.seed == 7 and recipe.out_dtype == "bfloat16"
     assert set(recipe.models[0].parameters) == {"weight"}
     assert space.dimension == 2
+    # a density not searched may be fixed for every model (searched, it is refused)
+    fixed = build_space({"kind": "parameter", "method": "ties", "base_model": "b", "models": ["m"],
+                         "num_layers": 2, "search_density": False, "parameters": {"density": 0.8}})
+    assert fixed.decode(fixed.center()).parameters["density"] == 0.8
+    with pytest.raises(ValidationError, match="'density' is searched by this space"):
+        build_space({"kind": "parameter", "method": "ties", "base_model": "b", "models": ["m"],
+                     "num_layers": 2, "parameters": {"density": 0.8}})
 
 
 def test_points_outside_the_space_are_refused():
