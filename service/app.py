@@ -18,6 +18,7 @@ from sqlalchemy import text
 from service.api import events, exports, studies
 from service.api.deps import AppState, app_state
 from service.api.schemas import ErrorOut, HealthOut
+from service.dashboard import router as dashboard_router
 from service.settings import Settings, get_settings
 
 VERSION = "0.1.0"
@@ -28,6 +29,7 @@ Submit a study spec (docs/study-spec.md) with `POST /studies`, follow it with
 `GET /studies/{id}/best`. Every route but `/health` needs `Authorization: Bearer <token>`
 when the server runs with `EVOMERGE_AUTH=true` (tokens: `evomerge token create NAME`).
 All tokens see all studies; a study's `owner` is the name of the token that submitted it.
+A web dashboard is served at `/` (its files are public; it calls this API with your token).
 """
 
 
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, *, start_controller: bool = Tru
     app.include_router(studies.router)
     app.include_router(events.router)
     app.include_router(exports.router)
+    app.include_router(dashboard_router)  # the web dashboard at / (static files; data from the API)
 
     @app.get("/health", response_model=HealthOut, tags=["service"], summary="Is the service up?",
              responses={503: {"model": ErrorOut,

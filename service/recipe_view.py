@@ -64,6 +64,11 @@ def parameter_view(recipe: Recipe, num_layers: int, names: dict[str, str] | None
             plain = [_read(name, [e.parameters, globals_], None, positions) for e in entries]
             if category is not None and rows == plain:
                 continue  # the filter does not change this parameter: no extra panel
+            same = next((p for p in panels if p["parameter"] == name and p["filter"] is not None
+                         and p["values"] == rows), None)
+            if same is not None:  # e.g. the final norm's three spellings (model.norm., ln_f., norm_f.)
+                same["filter"] = f"{same['filter']} / {category}"
+                continue
             panels.append({
                 "parameter": name, "filter": category,
                 "layers": ["embeddings/head"] if single else list(range(len(positions))),
