@@ -342,7 +342,8 @@ DEMO_EXAMPLE: dict[str, Any] = {
     "name": "zoo: xl addition by per-layer TIES",
     "sources": ["v2-seed0/math", "v2-seed0/language"],
     "base_model": "v2-seed0/base",
-    "space": {"kind": "parameter", "method": "ties", "granularity": 1},
+    "space": {"kind": "parameter", "method": "ties", "granularity": 1, "weight_range": [0.0, 2.0],
+              "search_density": False, "parameters": {"density": 1.0, "normalize": False}},
     "evaluation": {
         "evaluator": "lm_eval",
         "objectives": [{"task": "zoo_xl_add", "metric": "exact_match", "limit": 200}],
