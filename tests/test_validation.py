@@ -146,8 +146,8 @@ def test_the_demo_study_validates_with_everything_derived(llama, settings):
     assert v.space_spec["num_layers"] == 2
     assert v.space_spec["models"] == [os.path.realpath(e0), os.path.realpath(e1)]
     assert v.space_spec["base_model"] == os.path.realpath(base)
-    # per-layer TIES: (2 layers + embeddings) × 2 models × (weight, density)
-    assert v.space["dimension"] == 12 and v.space["kind"] == "parameter"
+    # per-layer TIES: (2 layers + embeddings) × 2 models × weight (the demo fixes density at 1)
+    assert v.space["dimension"] == 6 and v.space["kind"] == "parameter"
     assert v.optimizer.seed == 0 and v.optimizer.directions == ["maximize"]
     assert v.evaluation.objectives[0].higher_is_better is True
     (held,) = v.heldout_evaluation.objectives
@@ -166,7 +166,9 @@ def test_paths_relative_to_a_root_and_a_start_recipe(fakes, settings):
     x0 = {"merge_method": "ties", "base_model": "base",
           "models": [{"model": "a", "parameters": {"weight": 0.3, "density": 0.5}},
                      {"model": "b", "parameters": {"weight": 0.6, "density": 0.5}}]}
-    v = validate_study(StudySpec.model_validate(fake_spec(optimizer={"name": "cma", "x0": x0})), settings)
+    spec = fake_spec(optimizer={"name": "cma", "x0": x0},
+                     space={"kind": "parameter", "method": "ties", "granularity": 1})  # densities searched
+    v = validate_study(StudySpec.model_validate(spec), settings)
     assert v.space_spec["models"] == [str(fakes / "a"), str(fakes / "b")]
     assert v.optimizer.x0.base_model == str(fakes / "base")  # named as the space names it
 
