@@ -31,10 +31,11 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import Event, Study, StudyStatus, Trial, TrialState, utcnow
+from service.db import Baseline, Event, Study, StudyStatus, Trial, TrialState, utcnow
+from service.export_runner import ExportRunner
 from service.runtime import (
     MAX_ATTEMPTS,
     HeldoutRun,
@@ -67,6 +68,7 @@ class Controller:
         self._turn = 0  # round-robin start
         self._resubmit: list[tuple[str, int, Any]] = []  # recovered trials: (study, trial row id, recipe)
         self._storage: Any = None
+        self.exports = ExportRunner(settings, session_factory)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,6 +93,7 @@ class Controller:
         for rt in self.runtimes.values():
             if rt.heldout is not None:
                 rt.heldout.pool.shutdown()
+        self.exports.stop()
         self.pools.clear()
         self.runtimes.clear()
         self._owner.clear()
@@ -113,9 +116,10 @@ class Controller:
         self._heldout_step()
         self._finish_ended()
         self._save_clocks()
+        exporting = self.exports.step()
         # in flight: pool.wait() above already waited poll_s, so the caller need not sleep
         waiting = bool(self._owner) or any(rt.heldout is not None for rt in self.runtimes.values())
-        return bool(dispatched or collected or waiting)
+        return bool(dispatched or collected or waiting or exporting)
 
     # ---- studies -----------------------------------------------------------------------
     def _sync_studies(self) -> None:
@@ -151,7 +155,8 @@ class Controller:
         try:
             validated = validate_stored(spec, self.settings)
             space = validated.build_space()
-            optimizer, uses_state = make_optimizer(validated, space, storage=self._optuna(),
+            storage = self._optuna_for_study()
+            optimizer, uses_state = make_optimizer(validated, space, storage=storage,
                                                    study_name=optuna_name, state=state)
         except Exception as err:
             self._fail_study(study_id, f"the study cannot start: {err}")
@@ -159,7 +164,8 @@ class Controller:
         wspec = worker_spec_data(validated, self.settings)
         rt = StudyRuntime(study_id=study_id, validated=validated, space=space, optimizer=optimizer,
                           pool_key=pool_key(wspec), uses_state=uses_state, elapsed_base=float(elapsed),
-                          next_number=(next_number + 1) if next_number is not None else 0)
+                          next_number=(next_number + 1) if next_number is not None else 0,
+                          used=self._count_used(study_id), optuna_storage=None if uses_state else storage)
         with self.sessions.begin() as s:
             study = s.get(Study, study_id)
             assert study is not None
@@ -171,6 +177,7 @@ class Controller:
         self.runtimes[study_id] = rt
         log.info("study %s: controlling it (%s)", study_id, validated.optimizer.name)
         self._recover(rt)
+        rt.baselines = self._baselines_to_score(rt)
         rt.count(True)
 
     def _recover(self, rt: StudyRuntime) -> None:
@@ -295,18 +302,20 @@ class Controller:
         """May this study start one more trial now?"""
         if rt.paused or rt.heldout is not None or len(rt.in_flight) >= rt.parallelism:
             return False
-        return not self._budget_spent(rt)
+        return bool(rt.baselines) or not self._budget_spent(rt)
 
     def _budget_spent(self, rt: StudyRuntime) -> bool:
         budget = rt.spec.budget
         if budget.max_seconds is not None and rt.elapsed() >= budget.max_seconds:
             return True
         if budget.max_trials is not None:
-            return self._used(rt.study_id) >= budget.max_trials
+            return rt.used >= budget.max_trials
         return False
 
-    def _used(self, study_id: str) -> int:
-        """Trials that count towards max_trials: running, complete and failed ones."""
+    def _count_used(self, study_id: str) -> int:
+        """Trials that count towards max_trials: running, complete and failed ones (counted from
+        the rows when a study is opened; ``StudyRuntime.used`` then adds the rows this runtime
+        inserts, so that no dispatch needs a COUNT)."""
         with self.sessions() as s:
             return int(s.scalar(select(func.count(Trial.id)).where(
                 Trial.study_id == study_id,
@@ -328,6 +337,14 @@ class Controller:
                     continue
                 pool = self._pool(rt)
                 if pool is None or not pool.idle():
+                    continue
+                if rt.baselines:  # references first: they are few and the dashboard shows them at once
+                    baseline_id, recipe = rt.baselines.pop(0)
+                    rt.in_flight[-baseline_id] = -1
+                    self._owner[-baseline_id] = rt.study_id
+                    pool.submit(-baseline_id, recipe)
+                    sent += 1
+                    progress = True
                     continue
                 if self._start_trial(rt, pool):
                     sent += 1
@@ -354,6 +371,8 @@ class Controller:
     def _start_trial(self, rt: StudyRuntime, pool: Any) -> bool:
         """Ask one point and run it; the trial row is committed before the worker sees it."""
         (point,) = rt.optimizer.ask(1)
+        if rt.optuna_storage is not None:  # Optuna's trial and its point, committed before our row
+            rt.optuna_storage.flush()
         recipe: dict[str, Any] | None = None
         error = None
         try:
@@ -375,6 +394,7 @@ class Controller:
             s.flush()
             trial_id = trial.id
         rt.next_number += 1
+        rt.used += 1  # the row is committed: running, or failed at once (both count)
         if error is not None:
             self._finish_failed_unstarted(rt, trial_id, point.id, error)
             return True
@@ -407,6 +427,9 @@ class Controller:
         if rt is None or result.trial_id not in rt.in_flight:
             return  # its study was cancelled or dropped: the row was already finished
         rt.in_flight.pop(result.trial_id)
+        if result.trial_id < 0:
+            self._record_baseline(rt, -result.trial_id, result, heldout=False)
+            return
         if result.state != "complete":
             self._record_failure(rt, result.trial_id, result.error or "the worker reported a failure",
                                  result=result)
@@ -454,6 +477,45 @@ class Controller:
         if not rt.uses_state:
             self._tell(rt, point, None, reason)
 
+    # ---- baselines (service.baselines) ----------------------------------------------------
+    def _baselines_to_score(self, rt: StudyRuntime) -> list[tuple[int, dict[str, Any]]]:
+        """Create the study's baseline rows the first time; the ones not yet scored, to dispatch
+        (negative ids on the workers: a baseline is never a trial, never told, never counted)."""
+        from service.baselines import baseline_recipes
+
+        with self.sessions.begin() as s:
+            rows = list(s.scalars(select(Baseline).where(Baseline.study_id == rt.study_id)))
+            if not rows:
+                for name, kind, recipe in baseline_recipes(rt.validated):
+                    row = Baseline(study_id=rt.study_id, name=name, kind=kind, recipe=recipe,
+                                   state=TrialState.PENDING)
+                    s.add(row)
+                    rows.append(row)
+                s.flush()
+            return [(b.id, dict(b.recipe)) for b in rows
+                    if b.state in (TrialState.PENDING, TrialState.RUNNING) and b.recipe]
+
+    def _record_baseline(self, rt: StudyRuntime, baseline_id: int, result: Any, *, heldout: bool) -> None:
+        ok = result.state == "complete"
+        values = [float(v) for v in result.values] if ok else None
+        with self.sessions.begin() as s:
+            row = s.get(Baseline, baseline_id)
+            if row is None:
+                return
+            if heldout:
+                row.heldout_scores = dict(result.scores) if ok else None
+            else:
+                row.state = TrialState.COMPLETE if ok else TrialState.FAILED
+                row.scores = dict(result.scores) if ok else None
+                row.values = values
+                row.fitness = values[0] if values is not None and len(values) == 1 else None
+                row.finished_at = utcnow()
+            if not ok:
+                row.error = result.error or "the worker reported a failure"
+            kind = "baseline_heldout_scored" if heldout else "baseline_scored"
+            s.add(Event(study_id=rt.study_id, kind=kind,
+                        data={"name": row.name, "scores": dict(result.scores), "error": result.error}))
+
     @staticmethod
     def _fill(row: Trial, result: Any) -> None:
         row.scores = dict(result.scores) or row.scores
@@ -465,17 +527,22 @@ class Controller:
 
     def _update_counters(self, s: Session, rt: StudyRuntime, number: int | None,
                          fitness: float | None) -> None:
-        """Recount (never increment) so that a replayed result cannot count twice."""
+        """Recount (never increment) so that a replayed result cannot count twice; one UPDATE
+        (the best is kept by the database: ``CASE WHEN best_value IS NULL OR best_value < :f``)."""
         s.flush()
         counts = dict(s.execute(select(Trial.state, func.count(Trial.id)).where(Trial.study_id == rt.study_id)
                                 .group_by(Trial.state)).all())
-        study = s.get(Study, rt.study_id)
-        assert study is not None
-        study.trials_done = counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.FAILED, 0)
-        study.trials_failed = counts.get(TrialState.FAILED, 0)
-        study.elapsed_seconds = rt.elapsed()
-        if fitness is not None and (study.best_value is None or fitness > study.best_value):
-            study.best_value, study.best_trial_number = fitness, number
+        values: dict[str, Any] = {
+            "trials_done": counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.FAILED, 0),
+            "trials_failed": counts.get(TrialState.FAILED, 0),
+            "elapsed_seconds": rt.elapsed(),
+        }
+        if fitness is not None:
+            better = or_(Study.best_value.is_(None), Study.best_value < fitness)
+            values["best_value"] = case((better, fitness), else_=Study.best_value)
+            values["best_trial_number"] = case((better, number), else_=Study.best_trial_number)
+        s.execute(update(Study).where(Study.id == rt.study_id).values(**values)
+                  .execution_options(synchronize_session=False))
         rt.last_saved = time.monotonic()
 
     def _tell(self, rt: StudyRuntime, point_id: int | None, values: Iterable[float] | None, reason: str | None
@@ -492,7 +559,7 @@ class Controller:
     # ---- the end of a study ------------------------------------------------------------
     def _finish_ended(self) -> None:
         for rt in list(self.runtimes.values()):
-            if rt.in_flight or rt.heldout is not None or rt.paused:
+            if rt.in_flight or rt.heldout is not None or rt.paused or rt.baselines:
                 continue
             if any(r[0] == rt.study_id for r in self._resubmit):
                 continue
@@ -515,13 +582,17 @@ class Controller:
                             .order_by(Trial.fitness.desc(), Trial.number)
                             .limit(rt.validated.heldout_top_k)).all()
         top = [t for t in top if not (t.metrics or {}).get("heldout")]
-        if not top:
+        with self.sessions() as s:
+            refs = [(-b.id, b.recipe) for b in s.scalars(select(Baseline).where(
+                Baseline.study_id == rt.study_id, Baseline.state == TrialState.COMPLETE,
+                Baseline.heldout_scores.is_(None)))]
+        if not top and not refs:
             return False
         init_ray(self.settings.ray_address)
         spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True))
         pool = WorkerPool(spec, 1, self._resources())
-        rt.heldout = HeldoutRun(pool=pool, pending={t.id: t.number for t in top},
-                                queue=[(t.id, t.recipe) for t in top])
+        pending = {**{t.id: t.number for t in top}, **{i: -1 for i, _ in refs}}
+        rt.heldout = HeldoutRun(pool=pool, pending=pending, queue=[(t.id, t.recipe) for t in top] + refs)
         with self.sessions.begin() as s:
             s.add(Event(study_id=rt.study_id, kind="heldout_started",
                         data={"numbers": [t.number for t in top]}))
@@ -538,6 +609,9 @@ class Controller:
                 run.pool.submit(trial_id, recipe)
             for result in run.pool.wait(timeout=self.poll_s):
                 number = run.pending.pop(result.trial_id, None)
+                if result.trial_id < 0:
+                    self._record_baseline(rt, -result.trial_id, result, heldout=True)
+                    continue
                 with self.sessions.begin() as s:
                     row = s.get(Trial, result.trial_id)
                     if row is None:
@@ -557,10 +631,10 @@ class Controller:
     def _complete(self, rt: StudyRuntime) -> None:
         log.info("study %s completed", rt.study_id)
         with self.sessions.begin() as s:
-            study = s.get(Study, rt.study_id)
+            self._update_counters(s, rt, None, None)
+            study = s.get(Study, rt.study_id)  # read after the recount: the event carries it
             if study is None:
                 return
-            self._update_counters(s, rt, None, None)
             if study.status in ACTIVE:
                 study.status = StudyStatus.COMPLETED
             s.add(Event(study_id=rt.study_id, kind="study_completed",
@@ -585,11 +659,20 @@ class Controller:
                               .values(lease_expires_at=lease))
 
     def _optuna(self) -> Any:
+        """Optuna's ``RDBStorage`` on our database (one engine for all studies)."""
         if self._storage is None:
             from service.db import optuna_storage
 
             self._storage = optuna_storage(self.settings.database_url)
         return self._storage
+
+    def _optuna_for_study(self) -> Any:
+        """A storage for one study being opened: writes go to the database at once, reads come
+        from memory (this controller is its only writer; service.db.optuna_cache). A new one per
+        opening, so that reopening a study reads everything the database holds."""
+        from service.db.optuna_cache import SoleWriterStorage
+
+        return SoleWriterStorage(self._optuna())
 
 
 # ---- running it on its own ------------------------------------------------------------------

@@ -49,10 +49,13 @@ class StudyRuntime:
     uses_state: bool  # pycma: save optimizer.state() with every ask and tell
     elapsed_base: float  # Study.elapsed_seconds when this runtime started counting
     next_number: int
+    used: int = 0  # trials counting towards max_trials: rows at open + rows inserted since
     counting_since: float | None = None  # monotonic time since which elapsed grows
     in_flight: dict[int, int] = field(default_factory=dict)  # trial row id -> number
     heldout: HeldoutRun | None = None
+    baselines: list[tuple[int, Any]] = field(default_factory=list)  # (baseline id, recipe) to dispatch
     paused: bool = False
+    optuna_storage: Any = None  # service.db.optuna_cache.SoleWriterStorage of an Optuna-based optimizer
     last_saved: float = field(default_factory=time.monotonic)
 
     @property
