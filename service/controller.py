@@ -530,7 +530,9 @@ class Controller:
         """Recount (never increment) so that a replayed result cannot count twice; one UPDATE
         (the best is kept by the database: ``CASE WHEN best_value IS NULL OR best_value < :f``)."""
         s.flush()
-        counts = dict(s.execute(select(Trial.state, func.count(Trial.id)).where(Trial.study_id == rt.study_id)
+        # count(*): SQLite answers from the (study_id, state) index alone; still a scan of the
+        # study's rows (about 0.06 ms per 1000 trials), the price of never incrementing
+        counts = dict(s.execute(select(Trial.state, func.count()).where(Trial.study_id == rt.study_id)
                                 .group_by(Trial.state)).all())
         values: dict[str, Any] = {
             "trials_done": counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.FAILED, 0),
@@ -589,6 +591,7 @@ class Controller:
         if not top and not refs:
             return False
         init_ray(self.settings.ray_address)
+        self._release_search_pool(rt)
         spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True))
         pool = WorkerPool(spec, 1, self._resources())
         pending = {**{t.id: t.number for t in top}, **{i: -1 for i, _ in refs}}
@@ -597,6 +600,16 @@ class Controller:
             s.add(Event(study_id=rt.study_id, kind="heldout_started",
                         data={"numbers": [t.number for t in top]}))
         return True
+
+    def _release_search_pool(self, rt: StudyRuntime) -> None:
+        """The study's search workers are done: free their CPUs/GPUs for the held-out worker
+        (on a small machine it would otherwise wait for them forever), unless another study
+        still uses the same pool."""
+        shared = any(o is not rt and o.pool_key == rt.pool_key for o in self.runtimes.values())
+        pool = self.pools.get(rt.pool_key)
+        if pool is not None and not shared and not pool.running:
+            pool.shutdown()
+            del self.pools[rt.pool_key]
 
     def _heldout_step(self) -> None:
         for rt in list(self.runtimes.values()):

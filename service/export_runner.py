@@ -30,14 +30,14 @@ from service.settings import Settings
 
 log = logging.getLogger("evomerge.exports")
 PROGRESS_EVERY_S = 1.0
+POLL_S = 0.25  # how often pending exports are looked for
 
 
 def _run_export(recipe: dict[str, Any], root: str, card: dict[str, Any], shard_size: str,
                 progress_path: str) -> dict[str, Any]:
     """The Ray task body (runs on a worker): build the export, report progress to a file."""
-    from workers.export import ExportCard, export_trial
-
     from search_spaces.recipe import Recipe
+    from workers.export import ExportCard, export_trial
 
     last = [0.0]
 
@@ -78,6 +78,7 @@ class ExportRunner:
         self.running: dict[Any, tuple[int, Path]] = {}  # Ray ref -> (artifact id, progress file)
         self._recovered = False
         self._progress_at = 0.0
+        self._next_poll = 0.0
 
     @property
     def root(self) -> Path:
@@ -89,7 +90,9 @@ class ExportRunner:
             self._recover()
         self._collect()
         self._report_progress()
-        self._start()
+        if time.monotonic() >= self._next_poll:  # one SELECT per POLL_S, not per controller iteration
+            self._next_poll = time.monotonic() + POLL_S
+            self._start()
         return bool(self.running)
 
     def stop(self) -> None:
