@@ -357,6 +357,28 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from service.demo import run_demo
+    from service.settings import get_settings
+
+    try:
+        data_dir = Path(args.data_dir) if args.data_dir else get_settings().data_dir
+        run_demo(data_dir=data_dir, trials=args.trials, seed=args.seed, serve=args.serve, port=args.port,
+                 out=Path(args.out) if args.out else None)
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    from service.controller import main as controller_main
+
+    return controller_main(["--database-url", args.database_url] if args.database_url else [])
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import SettingsError, get_settings
 
@@ -388,6 +410,10 @@ def _add_client_commands(sub: Any) -> None:
                    help="serve the API only (another process runs studies)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("controller", help="run the study controller alone (beside `serve --no-controller`)")
+    p.add_argument("--database-url", default=None, help="default: EVOMERGE_DATABASE_URL")
+    p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("submit", help="submit a study spec (YAML or JSON) and print its id")
     p.add_argument("spec", help="the study spec file (docs/study-spec.md)")
@@ -448,6 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("demo", help="the whole product on the demo zoo: serve, search, download, compare")
+    p.add_argument("--serve", action="store_true", help="keep the service running afterwards (dashboard)")
+    p.add_argument("--trials", type=int, default=None, help="the study's budget (default: the demo spec's)")
+    p.add_argument("--seed", type=int, default=None, help="the study's seed (default: the demo spec's)")
+    p.add_argument("--data-dir", default=None, help="default: EVOMERGE_DATA_DIR, else ./evomerge-data")
+    p.add_argument("--port", type=int, default=None, help="default: 8765, else a free port")
+    p.add_argument("--out", default=None,
+                   help="where the best model goes (default: DATA_DIR/demo-best-model)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=_cmd_methods)
