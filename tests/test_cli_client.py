@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -21,35 +20,20 @@ from tests import api_fixtures as fx
 db_url, llama = fx.db_url, fx.llama  # fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(db_url, tmp_path, model_root, llama, monkeypatch):
     """A live server with auth on; yields (url, token, fake controller)."""
-    import uvicorn
-
     for var in ("EVOMERGE_URL", "EVOMERGE_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     app = create_app(fx.make_settings(db_url, tmp_path, model_root, auth=True), start_controller=False,
                      poll_seconds=0.05)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
+    live = fx.LiveServer(app)
+    url = live.start(30)
     ctl = fx.FakeController(db_url)
     with ctl.sessions.begin() as s:
         token = create_token(s, "cli")
-    yield f"http://127.0.0.1:{port}", token, ctl
-    srv.should_exit = True
-    thread.join(timeout=10)
+    yield url, token, ctl
+    live.stop()
     ctl.close()
 
 
@@ -145,7 +129,7 @@ def test_tokens(server, capsys, monkeypatch):
 
 
 def test_unreachable_server(capsys):
-    code, _, err = run(capsys, "studies", "--url", f"http://127.0.0.1:{_free_port()}")
+    code, _, err = run(capsys, "studies", "--url", f"http://127.0.0.1:{fx.free_port()}")
     assert code == 1 and "cannot reach the evomerge server" in err and "evomerge serve" in err
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +39,7 @@ from service.db import (  # noqa: E402
     utcnow,
 )
 from service.settings import get_settings  # noqa: E402
+from tests import api_fixtures as fx  # noqa: E402
 from tests.api_fixtures import write_export  # noqa: E402
 
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
@@ -117,40 +116,21 @@ def pareto_spec(llama: tuple[Path, list[Path]], *, trials: int) -> dict[str, Any
                 optimizer={"name": "nsga2", "population_size": 4})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_service(tmp: Path, model_root: Path,
                   llama: tuple[Path, list[Path]]) -> tuple[Service, Callable[[], None]]:
     """The service with its controller, on a free loopback port; returns it and its stop()."""
-    import uvicorn
-
     db_url = f"sqlite:///{tmp / 'dashboard.db'}"
     settings = get_settings(data_dir=tmp / "data", database_url=db_url, model_roots=[str(model_root)],
                             auth=True, max_workers=4, lease_seconds=60)
-    app = create_app(settings, poll_seconds=0.2)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
+    live = fx.LiveServer(create_app(settings, poll_seconds=0.2))
+    url = live.start()
     engine = make_engine(db_url)
     with session_factory(engine).begin() as s:
         token = create_token(s, "dashboard")
         reader = create_token(s, "reader", scopes="read")
     engine.dispose()
 
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-    return Service(f"http://127.0.0.1:{port}", token, reader, db_url, tmp / "data", llama), stop
+    return Service(url, token, reader, db_url, tmp / "data", llama), live.stop
 
 
 def submit(service: Service, data: dict[str, Any]) -> str:
@@ -160,22 +140,37 @@ def submit(service: Service, data: dict[str, Any]) -> str:
         return r.json()["id"]
 
 
-def add_baselines(service: Service, sid: str) -> list[str]:
-    """What the controller writes (service.baselines): each model alone, the uniform merge and
-    task arithmetic, scored; returns the names of the scored ones."""
-    base, (e0, _) = service.llama
-    # on the scale of the noop evaluator's scores (about ±4e-4)
-    scored = [(f"base: {base}", "source", -3e-4), (f"source: {e0}", "source", -1e-4),
-              ("uniform merge", "uniform", 5e-5)]
+def wait_for_baselines(service: Service, sid: str, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The study's baselines once the controller has scored them all (service.baselines)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with service.client() as c:
+            rows = c.get(f"/studies/{sid}/baselines").json()
+        if rows and all(b["state"] in ("complete", "failed") for b in rows):
+            return rows
+        assert time.monotonic() < deadline, f"the baselines of {sid} were not scored: {rows}"
+        time.sleep(0.2)
+
+
+def add_failed_baseline(service: Service, sid: str) -> list[str]:
+    """Beside the controller's real baselines, one that failed (as one that ran out of memory
+    would); returns the names of the scored ones."""
+    rows = wait_for_baselines(service, sid)
     engine = make_engine(service.db_url)
     with session_factory(engine).begin() as s:
-        for name, kind, fit in scored:
-            s.add(Baseline(study_id=sid, name=name, kind=kind, state=TrialState.COMPLETE,
-                           scores={"fingerprint/mean": fit}, values=[fit], fitness=fit))
-        s.add(Baseline(study_id=sid, name="task arithmetic", kind="task_arithmetic", state=TrialState.FAILED,
+        s.add(Baseline(study_id=sid, name="ties at density 0.1", kind="uniform", state=TrialState.FAILED,
                        error="out of memory (simulated)"))
     engine.dispose()
-    return [name for name, _, _ in scored]
+    return [b["name"] for b in rows if b["state"] == "complete"]
+
+
+def drop_baselines(service: Service, sid: str) -> None:
+    """A study without baselines (as one submitted before they existed)."""
+    wait_for_baselines(service, sid)
+    engine = make_engine(service.db_url)
+    with session_factory(engine).begin() as s:
+        s.query(Baseline).filter_by(study_id=sid).delete()
+    engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +181,7 @@ def service(tmp_path_factory, model_root, family, ray_local) -> Iterator[Service
     svc.ids["parameter"] = submit(svc, spec(llama, "dashboard: per-layer TIES", trials=12, parallelism=1))
     svc.ids["stacking"] = submit(svc, stacking_spec(llama, trials=8) | {"parallelism": 1})
     svc.ids["pareto"] = submit(svc, pareto_spec(llama, trials=10) | {"parallelism": 1})
-    svc.baselines = add_baselines(svc, svc.ids["parameter"])
+    svc.baselines = add_failed_baseline(svc, svc.ids["parameter"])
     yield svc
     stop()
 
@@ -464,7 +459,8 @@ def test_parameter_study_heatmap_slider_and_baselines(service, browser):
     click(browser, '#x-mode button[data-mode="time"]')
     wait_for(browser, lambda d: "finished at" in text(d, "#fitness-host"), what="a time axis")
     screenshot(browser, "study.png")
-    # another study's page says "no baselines yet"
+    # a study without baselines says "no baselines yet"
+    drop_baselines(service, service.ids["stacking"])
     open_page(browser, service, f"/studies/{service.ids['stacking']}")
     assert "No baselines yet" in wait_for(browser, lambda d: text(d, "#baselines-host .empty"))
     assert not js_errors(browser)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,32 +24,8 @@ from tests import api_fixtures as fx
 llama = fx.llama
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, settings) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        app = create_app(settings, poll_seconds=0.05)
-        self.srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.srv.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.srv.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.srv.should_exit = True
-        self.thread.join(timeout=60)
+def Server(settings) -> fx.LiveServer:
+    return fx.LiveServer(create_app(settings, poll_seconds=0.05))
 
 
 def wait_for(predicate, timeout: float = 180.0):
