@@ -69,6 +69,7 @@ class Controller:
         self._resubmit: list[tuple[str, int, Any]] = []  # recovered trials: (study, trial row id, recipe)
         self._storage: Any = None
         self.exports = ExportRunner(settings, session_factory)
+        self._refs_checked: dict[str, float] = {}  # study -> when to look at its exports again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -152,8 +153,11 @@ class Controller:
             spec, state, elapsed = study.spec, study.optimizer_state, study.elapsed_seconds or 0.0
             optuna_name = study.optuna_study_name or f"evomerge-{study_id}"
             next_number = s.scalar(select(func.max(Trial.number)).where(Trial.study_id == study_id))
+        paths = self._other_studies_models(study_id, spec)
+        if paths is None:
+            return  # waiting for another study's model to be exported (or the study failed)
         try:
-            validated = validate_stored(spec, self.settings)
+            validated = validate_stored(spec, self.settings, paths)
             space = validated.build_space()
             storage = self._optuna_for_study()
             optimizer, uses_state = make_optimizer(validated, space, storage=storage,
@@ -161,11 +165,12 @@ class Controller:
         except Exception as err:
             self._fail_study(study_id, f"the study cannot start: {err}")
             return
-        wspec = worker_spec_data(validated, self.settings)
+        wspec = worker_spec_data(validated, self.settings, paths=paths)
         rt = StudyRuntime(study_id=study_id, validated=validated, space=space, optimizer=optimizer,
                           pool_key=pool_key(wspec), uses_state=uses_state, elapsed_base=float(elapsed),
                           next_number=(next_number + 1) if next_number is not None else 0,
-                          used=self._count_used(study_id), optuna_storage=None if uses_state else storage)
+                          used=self._count_used(study_id), optuna_storage=None if uses_state else storage,
+                          paths=paths)
         with self.sessions.begin() as s:
             study = s.get(Study, study_id)
             assert study is not None
@@ -223,6 +228,28 @@ class Controller:
             else:
                 reason = f"the controller stopped {t.attempts} time(s) while this trial ran; given up"
                 self._record_failure(rt, t.id, reason)
+
+    def _other_studies_models(self, study_id: str, stored: Any) -> dict[str, str] | None:
+        """Export folders of the other studies' models this study builds on ({} when none);
+        None while they are being exported (asked for here) or when the study cannot start."""
+        from service.study_refs import export_paths, stored_refs
+
+        refs = stored_refs(stored)
+        if not refs:
+            return {}
+        now = time.monotonic()
+        if self._refs_checked.get(study_id, 0.0) > now:
+            return None
+        self._refs_checked[study_id] = now + 1.0
+        try:
+            with self.sessions.begin() as s:
+                paths = export_paths(s, refs, requested_by=f"study {study_id}")
+        except LookupError as err:
+            self._fail_study(study_id, f"the study cannot start: {err}")
+            return None
+        if paths is None:
+            log.info("study %s waits for another study's model to be exported", study_id)
+        return paths
 
     def _drop(self, study_id: str) -> None:
         rt = self.runtimes.pop(study_id, None)
@@ -287,7 +314,8 @@ class Controller:
         if n < 1:
             return None
         init_ray(self.settings.ray_address)
-        pool = WorkerPool(WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings)), n,
+        spec = worker_spec_data(rt.validated, self.settings, paths=rt.paths)
+        pool = WorkerPool(WorkerSpec.model_validate(spec), n,
                           self._resources())
         self.pools[rt.pool_key] = pool
         log.info("started %d worker(s) for study %s", n, rt.study_id)
@@ -376,7 +404,7 @@ class Controller:
         recipe: dict[str, Any] | None = None
         error = None
         try:
-            recipe = rt.space.decode(point.params).model_dump(mode="json")
+            recipe = rt.resolve(rt.space.decode(point.params).model_dump(mode="json"))
         except Exception as err:  # a point the space cannot decode is a failed trial
             error = f"the point could not be decoded into a recipe: {err}"
         now = utcnow()
@@ -487,7 +515,7 @@ class Controller:
             rows = list(s.scalars(select(Baseline).where(Baseline.study_id == rt.study_id)))
             if not rows:
                 for name, kind, recipe in baseline_recipes(rt.validated):
-                    row = Baseline(study_id=rt.study_id, name=name, kind=kind, recipe=recipe,
+                    row = Baseline(study_id=rt.study_id, name=name, kind=kind, recipe=rt.resolve(recipe),
                                    state=TrialState.PENDING)
                     s.add(row)
                     rows.append(row)
@@ -592,7 +620,8 @@ class Controller:
             return False
         init_ray(self.settings.ray_address)
         self._release_search_pool(rt)
-        spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True))
+        spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True,
+                                                          paths=rt.paths))
         pool = WorkerPool(spec, 1, self._resources())
         pending = {**{t.id: t.number for t in top}, **{i: -1 for i, _ in refs}}
         rt.heldout = HeldoutRun(pool=pool, pending=pending, queue=[(t.id, t.recipe) for t in top] + refs)

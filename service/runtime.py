@@ -54,6 +54,16 @@ class StudyRuntime:
     in_flight: dict[int, int] = field(default_factory=dict)  # trial row id -> number
     heldout: HeldoutRun | None = None
     baselines: list[tuple[int, Any]] = field(default_factory=list)  # (baseline id, recipe) to dispatch
+    paths: dict[str, str] = field(default_factory=dict)  # other studies' models: placeholder -> folder
+
+    def resolve(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """A recipe with other studies' placeholders replaced by their export folders."""
+        if not self.paths:
+            return recipe
+        from search_spaces.recipe import Recipe
+        from search_spaces.sources import resolve_sources
+
+        return resolve_sources(Recipe.model_validate(recipe), self.paths).model_dump(mode="json")
     paused: bool = False
     optuna_storage: Any = None  # service.db.optuna_cache.SoleWriterStorage of an Optuna-based optimizer
     last_saved: float = field(default_factory=time.monotonic)
@@ -81,7 +91,7 @@ class StudyRuntime:
             self.counting_since = None
 
 
-def validate_stored(spec: Any, settings: Settings) -> ValidatedStudy:
+def validate_stored(spec: Any, settings: Settings, paths: dict[str, str] | None = None) -> ValidatedStudy:
     """Validate a stored ``Study.spec`` again (models may have moved since it was submitted).
 
     The API stores the whole validated study (its ``spec`` key holds what the user
@@ -89,13 +99,21 @@ def validate_stored(spec: Any, settings: Settings) -> ValidatedStudy:
     """
     if isinstance(spec, dict) and isinstance(spec.get("spec"), dict) and "worker_spec" in spec:
         spec = spec["spec"]
-    return validate_study(spec, settings)
+    if not paths:
+        return validate_study(spec, settings)
+    return validate_study(spec, settings, resolve_study_ref=lambda ref: paths[ref.placeholder()])
 
 
 def worker_spec_data(validated: ValidatedStudy, settings: Settings, *,
-                     heldout: bool = False) -> dict[str, Any]:
-    """The fields of ``workers.trial.WorkerSpec`` for this study on this server."""
+                     heldout: bool = False, paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fields of ``workers.trial.WorkerSpec`` for this study on this server (``paths``:
+    another study's model placeholder -> its export folder, service.study_refs)."""
     data = dict(validated.worker_spec)
+    if paths:
+        data["sources"] = [paths.get(s, s) for s in data["sources"]]
+        for key in ("base_model", "tokenizer"):
+            if data.get(key):
+                data[key] = paths.get(data[key], data[key])
     if heldout:
         assert validated.heldout_evaluation is not None
         data["evaluation"] = validated.heldout_evaluation.model_dump(mode="json")

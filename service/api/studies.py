@@ -92,10 +92,15 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
 
 def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
     """Validate (reads model headers: blocking) and store a study; runs in a threadpool."""
+    from service.study_refs import submission_folder
     from service.validation import validate_study  # imports the evaluator registry lazily
 
+    def other_study(ref: Any) -> Any:  # {study: id, trial: best | n} sources
+        with state.sessions() as session:
+            return submission_folder(session, ref)
+
     try:
-        validated = validate_study(StudySpec.from_text(body), state.settings)
+        validated = validate_study(StudySpec.from_text(body), state.settings, resolve_study_ref=other_study)
     except StudyValidationError as err:
         raise HTTPException(422, err.detail()) from None
     stored = validated.model_dump(mode="json")
