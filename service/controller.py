@@ -601,16 +601,23 @@ class Controller:
             self._complete(rt)
 
     def _start_heldout(self, rt: StudyRuntime) -> bool:
-        """Re-score the top-k complete trials on the held-out evaluation (one extra worker)."""
+        """Re-score the top-k complete trials on the held-out evaluation (one extra worker): by
+        fitness, or for a multi-objective study k trials of the Pareto front (by number)."""
+        from service.pareto import pareto_front
         from workers.pool import WorkerPool, init_ray
         from workers.trial import WorkerSpec
 
+        k = rt.validated.heldout_top_k
         with self.sessions() as s:
-            top = s.scalars(select(Trial).where(Trial.study_id == rt.study_id,
-                                                Trial.state == TrialState.COMPLETE,
-                                                Trial.fitness.is_not(None))
-                            .order_by(Trial.fitness.desc(), Trial.number)
-                            .limit(rt.validated.heldout_top_k)).all()
+            complete = select(Trial).where(Trial.study_id == rt.study_id, Trial.state == TrialState.COMPLETE)
+            if rt.validated.multi_objective:
+                rows = list(s.scalars(complete.order_by(Trial.number)))
+                front = set(pareto_front([(t.number, [float(v) for v in t.values]) for t in rows
+                                          if isinstance(t.values, list) and t.values]))
+                top = [t for t in rows if t.number in front][:k]
+            else:
+                top = list(s.scalars(complete.where(Trial.fitness.is_not(None))
+                                     .order_by(Trial.fitness.desc(), Trial.number).limit(k)))
         top = [t for t in top if not (t.metrics or {}).get("heldout")]
         with self.sessions() as s:
             refs = [(-b.id, b.recipe) for b in s.scalars(select(Baseline).where(

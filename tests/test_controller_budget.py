@@ -72,7 +72,7 @@ def test_a_time_budget_ends_the_study_and_paused_time_does_not_count(llama, db, 
 
 def test_a_multi_objective_study_runs_and_keeps_every_value(llama, db, settings, ray_local):
     _, sessions = db
-    data = spec(llama, trials=8, optimizer="nsga2", multi_objective=True)
+    data = spec(llama, trials=8, optimizer="nsga2", multi_objective=True, heldout={"top_k": 2})
     data["evaluation"]["objectives"] = [{"task": "fingerprint", "metric": "mean"},
                                         {"task": "fingerprint", "metric": "mean", "name": "again"}]
     sid = add_study(sessions, data)
@@ -87,4 +87,10 @@ def test_a_multi_objective_study_runs_and_keeps_every_value(llama, db, settings,
     assert [t.number for t in rows] == list(range(8))
     assert all(t.state == TrialState.COMPLETE and t.fitness is None and len(t.values) == 2 for t in rows)
     assert study.best_value is None and study.best_trial_number is None  # a front, not one best
+    from service.pareto import pareto_front
+
+    front = pareto_front([(t.number, t.values) for t in rows])
+    rescored = [t.number for t in rows if (t.metrics or {}).get("heldout")]
+    assert rescored == front[:2]  # k trials of the Pareto front are re-scored on the held-out split
+    assert all(len(t.metrics["heldout"]["values"]) == 2 for t in rows if t.number in rescored)
     assert study.trials_done == 8
