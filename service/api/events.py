@@ -101,6 +101,7 @@ async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[Se
         'event: progress\ndata: {"status": "running", "trials_done": 4, "best_value": 0.5}\n\n')}},
         "description": "the event stream; ends with `event: end` when the study is final or deleted"},
         401: {"model": ErrorOut, "description": "no or an invalid bearer token (when auth is on)"},
+        403: {"model": ErrorOut, "description": "the token lacks the 'read' scope"},
         404: {"model": ErrorOut, "description": "no such study"}},
 )
 async def study_events(

@@ -36,7 +36,8 @@ router = APIRouter(prefix="/studies", tags=["studies"])
 NO_NUL = r"^[^\x00]*$"
 StudyId = Annotated[str, Path(description="the study's id (from POST /studies)", max_length=36,
                               pattern=NO_NUL, examples=["a1b2c3d4e5f6"])]
-_E401 = {401: {"model": ErrorOut, "description": "no or an invalid bearer token (when auth is on)"}}
+_E401 = {401: {"model": ErrorOut, "description": "no or an invalid bearer token (when auth is on)"},
+         403: {"model": ErrorOut, "description": "the token lacks the scope this route needs"}}
 _E404 = {404: {"model": ErrorOut, "description": "no such study"}}
 _E409 = {409: {"model": ErrorOut, "description": "the study's status does not allow this"}}
 
@@ -44,7 +45,8 @@ SPEC_TYPES = ("application/json", "application/yaml", "text/yaml", "application/
 _YAML_EXAMPLE = """name: "zoo: xl addition by per-layer TIES"
 sources: [v2-seed0/math, v2-seed0/language]
 base_model: v2-seed0/base
-space: {kind: parameter, method: ties, granularity: 1}
+space: {kind: parameter, method: ties, granularity: 1, weight_range: [0, 2], search_density: false,
+        parameters: {density: 1.0, normalize: false}}
 evaluation:
   objectives: [{task: zoo_xl_add, metric: exact_match, limit: 200}]
   options: {task_dirs: ["evomerge:zoo"]}
