@@ -506,4 +506,4 @@ def test_the_documented_zoo_studies_validate(tmp_path):
         spec = StudySpec.from_text(block)
         v = validate_study(spec, settings, resolve_study_ref=lambda ref: tmp_path / "v2-seed0" / "math")
         dims.append(v.space["dimension"])
-    assert dims[0] == 20  # the demo: (4 layers + embeddings) × 2 models × (weight, density)
+    assert dims[0] == 10  # the demo: (4 layers + embeddings) × 2 models × weight (density fixed at 1)
