@@ -147,7 +147,7 @@ def run_demo(*, data_dir: Path, trials: int | None = None, seed: int | None = No
     start = time.monotonic()
     data_dir = data_dir.expanduser().resolve()
     log("1/5 the demo zoo: tiny models that know two toy languages (built once, then cached)")
-    zoo = build_zoo(None, log=None)
+    zoo = build_zoo(None, log=lambda line: log(f"    {line}"))  # silent when cached
     log(f"    {zoo.root}")
     port = port or (8765 if _port_free(8765) else _free_port())
     service = ServiceProcess(data_dir, port, data_dir / "demo-service.log")
