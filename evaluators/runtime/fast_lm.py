@@ -79,7 +79,8 @@ class FastHFLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
         self._encode_cache: dict[tuple, list[int]] = {}
         self._decode_cache: dict[tuple[int, ...], str] = {}
-        self._model_ok: tuple[int, bool, bool] | None = None  # (id(model), fast path ok, logits_to_keep)
+        # (id(model), fast path ok, takes logits_to_keep, name of its cache argument)
+        self._model_ok: tuple[int, bool, bool, str] | None = None
         self._resolved_max_length: int | None = None
 
     def set_model(self, model) -> None:
@@ -162,7 +163,8 @@ class FastHFLM(HFLM):
         model = self.model
         if self._model_ok is None or self._model_ok[0] != id(model):
             params = inspect.signature(model.forward).parameters
-            self._model_ok = (id(model), self._check_model(model, params), "logits_to_keep" in params)
+            self._model_ok = (id(model), self._check_model(model, params), "logits_to_keep" in params,
+                              _cache_argument(params) or "")
         return self._model_ok[1]
 
     @staticmethod
@@ -178,7 +180,8 @@ class FastHFLM(HFLM):
                 return False
             if gen.cache_implementation not in (None, "dynamic"):
                 return False
-        return all(p in params for p in ("attention_mask", "position_ids", "past_key_values"))
+        has_inputs = all(p in params for p in ("attention_mask", "position_ids"))
+        return has_inputs and _cache_argument(params) is not None
 
     def run_plan(self, plan: GenerationPlan, requests: Sequence | None = None) -> list[str]:
         """The generated strings, in request order, for the current model."""
@@ -248,7 +251,9 @@ class FastHFLM(HFLM):
         if self._model_ok is not None and self._model_ok[2]:
             extra["logits_to_keep"] = 1
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, **extra)
+        cache_arg = self._model_ok[3] if self._model_ok is not None else "past_key_values"
+        extra[cache_arg] = cache
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
         n = ids.shape[0]
         unfinished = torch.ones(n, dtype=torch.bool, device=device)
         eos = torch.tensor(eos_ids, device=device) if eos_ids else None
@@ -267,8 +272,7 @@ class FastHFLM(HFLM):
             pos = pos[:, -1:] + 1
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, **extra)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **extra)
         return torch.stack(steps, dim=1).tolist()
 
     def _stop_strings_seen(self, steps: list[torch.Tensor], windows: list[tuple[str, int]],
@@ -285,3 +289,12 @@ class FastHFLM(HFLM):
             if bool(done.all()):
                 return True
         return False
+
+
+def _cache_argument(params: Any) -> str | None:
+    """The name ``forward`` takes the KV cache by: ``past_key_values`` (transformers < 5.24)
+    or ``cache`` (5.24 renamed it)."""
+    for name in ("past_key_values", "cache"):
+        if name in params:
+            return name
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
+def _switch_to_wal(cursor: Any) -> Any:
+    """``PRAGMA journal_mode=WAL``, retried: switching a new file needs an exclusive lock,
+    and SQLite does not always wait on the busy timeout for it (several processes opening
+    a fresh database at once got "database is locked" on a loaded machine)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    delay = 0.01
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _sqlite_journal(dbapi_connection: Any) -> None:
     """WAL, and ``synchronous=NORMAL`` with it, on a new SQLite connection.
 
@@ -67,7 +84,7 @@ def _sqlite_journal(dbapi_connection: Any) -> None:
     """
     cursor = dbapi_connection.cursor()
     try:
-        mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+        mode = _switch_to_wal(cursor)
         if mode and str(mode[0]).lower() == "wal":
             cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
