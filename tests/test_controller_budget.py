@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.controller import Controller
 from service.db import StudyStatus, TrialState, make_engine, session_factory, upgrade
 from service.db.testing import temporary_database
-from service.settings import get_settings
-from tests.test_controller import add_study, set_status, spec, step_until, study_row, trials
+from tests.test_controller import add_study, set_status, settings, spec, step_until, study_row, trials
+
+__all__ = ["settings"]  # a fixture (over this module's db)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,6 @@ def db(request, tmp_path):
         engine = make_engine(url)
         yield url, session_factory(engine)
         engine.dispose()
-
-
-@pytest.fixture
-def settings(db, tmp_path, model_root):
-    return get_settings(data_dir=tmp_path, database_url=db[0], model_roots=[model_root], max_workers=2,
-                        lease_seconds=60)
 
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # the clock is database-agnostic
