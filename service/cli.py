@@ -528,9 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORKER_MODULES = ("torch", "transformers", "accelerate")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        if exc.name not in WORKER_MODULES:
+            raise
+        print(f"error: `evomerge {args.command}` builds or scores models and needs {exc.name}, which this "
+              "install lacks (the API-only install has no torch): install the worker extra, "
+              "`pip install 'evomerge[worker]'` (torch first, pinned: see the Makefile's TORCH_SPEC)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -137,3 +137,18 @@ def test_serve_refuses_auth_off_on_a_public_host(capsys, monkeypatch):
     monkeypatch.setenv("EVOMERGE_AUTH", "false")
     code, _, err = run(capsys, "serve", "--host", "0.0.0.0")
     assert code == 2 and "EVOMERGE_AUTH=true" in err
+
+
+def test_a_worker_command_without_torch_says_which_extra_to_install(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    code, _, err = run(capsys, "zoo", "build", "--out", "/nonexistent/zoo")
+    assert code == 2 and "evomerge[worker]" in err and "evomerge zoo" in err
