@@ -146,6 +146,8 @@ class Controller:
 
     def _open(self, study_id: str) -> None:
         """Build the runtime of an active study, continuing whatever a previous controller left."""
+        if self._refs_checked.get(study_id, 0.0) > time.monotonic():
+            return  # waiting for another study's export: looked at again in a moment, not every iteration
         with self.sessions() as s:
             study = s.get(Study, study_id)
             if study is None:
@@ -237,10 +239,7 @@ class Controller:
         refs = stored_refs(stored)
         if not refs:
             return {}
-        now = time.monotonic()
-        if self._refs_checked.get(study_id, 0.0) > now:
-            return None
-        self._refs_checked[study_id] = now + 1.0
+        self._refs_checked[study_id] = time.monotonic() + 1.0  # _open skips the study until then
         try:
             with self.sessions.begin() as s:
                 paths = export_paths(s, refs, requested_by=f"study {study_id}")

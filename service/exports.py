@@ -67,8 +67,8 @@ def evict(session: Session, settings: Settings, *, keep_free: int = 0) -> list[i
     limit = budget - keep_free
     if used <= limit:
         return []
-    best = {(s.id, s.best_trial_number) for s in session.scalars(select(Study))
-            if s.best_trial_number is not None}
+    best = set(session.execute(select(Study.id, Study.best_trial_number)
+                               .where(Study.best_trial_number.is_not(None))).tuples())
     now = utcnow()
 
     def protected(items: list[Artifact]) -> bool:
