@@ -16,6 +16,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Bounds of an evaluation spec (docs/study-spec.md lists them with the study's other bounds).
+MAX_OBJECTIVES = 32
+MAX_LIMIT = 1_000_000  # examples per task
+MAX_FEWSHOT = 64
+MAX_BATCH_SIZE = 4096
+MAX_WEIGHT = 1_000_000.0
+MAX_SEED = 2**32 - 1
+MAX_NAME = 200  # task, metric, split and objective names
+
 
 class ObjectiveSpec(BaseModel):
     """One thing a candidate is scored on: a metric of a task, with its weight.
@@ -26,14 +35,17 @@ class ObjectiveSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(min_length=1)
-    metric: str = Field(min_length=1)
-    weight: float = 1.0
+    task: str = Field(min_length=1, max_length=MAX_NAME)
+    metric: str = Field(min_length=1, max_length=MAX_NAME)
+    weight: float = Field(default=1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
     higher_is_better: bool | None = None  # None: take the task's / metric's own direction
-    limit: int | float | None = None  # examples per task; a float < 1 is a fraction
-    num_fewshot: int | None = Field(default=None, ge=0)
-    split: str | None = None  # score on this dataset split instead of the task's test split
-    name: str | None = None  # the objective's key in results; default "task/metric"
+    # examples per task; a float < 1 is a fraction
+    limit: int | float | None = Field(default=None, le=MAX_LIMIT)
+    num_fewshot: int | None = Field(default=None, ge=0, le=MAX_FEWSHOT)
+    # score on this dataset split instead of the task's test split
+    split: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+    # the objective's key in results; default "task/metric"
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
 
     @field_validator("limit")
     @classmethod
@@ -70,9 +82,10 @@ class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     evaluator: str = "lm_eval"
-    objectives: list[ObjectiveSpec] = Field(min_length=1)
-    seed: int = 1234  # picks the `limit` subset and few-shot examples: same for every candidate
-    batch_size: int = Field(default=64, ge=1)
+    objectives: list[ObjectiveSpec] = Field(min_length=1, max_length=MAX_OBJECTIVES)
+    # picks the `limit` subset and few-shot examples: same for every candidate
+    seed: int = Field(default=1234, ge=0, le=MAX_SEED)
+    batch_size: int = Field(default=64, ge=1, le=MAX_BATCH_SIZE)
     subset: Literal["search", "holdout"] = "search"  # holdout: the examples `limit` left out
     options: dict[str, Any] = Field(default_factory=dict)
 

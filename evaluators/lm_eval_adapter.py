@@ -25,15 +25,17 @@ from evaluators.validation import BUILTIN_PREFIX, validate_objectives
 class LmEvalOptions(BaseModel):
     """``EvaluationSpec.options`` of the lm-eval evaluator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    task_dirs: list[str] = Field(default_factory=list)  # directories of task YAML files
+    # directories of task YAML files: under the roots, or evomerge:NAME (a packaged folder)
+    task_dirs: list[str] = Field(default_factory=list, max_length=16)
     include_defaults: bool | None = None  # index lm-eval's built-in tasks; None: only if needed
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
-    system_instruction: str | None = None
+    system_instruction: str | None = Field(default=None, max_length=16_384)
     fast_generate: bool = True  # the batched greedy decoder (identical outputs) instead of model.generate
-    hflm_args: dict[str, Any] = Field(default_factory=dict)  # more HFLM arguments: add_bos_token, max_length…
+    # more HFLM arguments: add_bos_token, max_length…
+    hflm_args: dict[str, Any] = Field(default_factory=dict, max_length=16)
 
 
 @register

@@ -40,12 +40,13 @@ _MAX_LOGIT_ELEMENTS = 1 << 26  # log-softmax in chunks of at most this many floa
 class LoglikOptions(BaseModel):
     """``EvaluationSpec.options`` of the log-likelihood evaluator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    texts: dict[str, list[str]] = Field(default_factory=dict)
-    text_files: dict[str, str] = Field(default_factory=dict)
+    texts: dict[str, list[str]] = Field(default_factory=dict, max_length=32)
+    text_files: dict[str, str] = Field(default_factory=dict, max_length=32)
     prefix: Literal["none", "bos", "eos"] = "none"
-    max_length: int | None = Field(default=None, ge=2)  # keep at most this many tokens of a text
+    # keep at most this many tokens of a text
+    max_length: int | None = Field(default=None, ge=2, le=1_000_000)
 
 
 def _read_texts(path: Path) -> list[str]:

@@ -20,10 +20,10 @@ from evaluators.registry import register
 
 
 class NoopOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    delay_s: float = Field(default=0.0, ge=0)
-    jitter: float = Field(default=0.0, ge=0, description="delay × (1 + jitter × U[0,1))")
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid", strict=True)
+    delay_s: float = Field(default=0.0, ge=0, le=3600)
+    jitter: float = Field(default=0.0, ge=0, le=100, description="delay × (1 + jitter × U[0,1))")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
 
 @register

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,26 @@ def _task_manager(task_dirs: tuple[str, ...], include_defaults: bool):
 
 BUILTIN_PREFIX = "evomerge:"  # "evomerge:zoo" is the package's evaluators/tasks/zoo
 BUILTIN_TASKS = Path(__file__).resolve().parent / "tasks"
+_PACKAGED_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def packaged_task_dirs() -> dict[str, Path]:
+    """The task folders shipped in this package, by name (``zoo``): the only folders an
+    ``evomerge:NAME`` reference can reach. Listed from the package, never from the user's text."""
+    return {p.name: p for p in sorted(BUILTIN_TASKS.iterdir())
+            if p.is_dir() and _PACKAGED_NAME.match(p.name)}
+
+
+def packaged_task_dir(text: str) -> Path:
+    """The folder of ``evomerge:NAME``; a ``SpecError`` for anything but a packaged folder's name
+    (a path, ``..``, an unknown name): it is looked up by name, never joined as a path."""
+    name = text[len(BUILTIN_PREFIX):] if text.startswith(BUILTIN_PREFIX) else text
+    known = packaged_task_dirs()
+    if name not in known:
+        listed = ", ".join(f"{BUILTIN_PREFIX}{n}" for n in known) or "none"
+        raise SpecError(f"{text!r} is not a packaged task folder: {BUILTIN_PREFIX} takes a name, never a "
+                        f"path; the packaged folders are: {listed}")
+    return known[name]
 
 
 def normalize_dirs(task_dirs: Sequence[str | Path]) -> tuple[str, ...]:
@@ -36,11 +57,7 @@ def normalize_dirs(task_dirs: Sequence[str | Path]) -> tuple[str, ...]:
     for d in task_dirs:
         text = str(d)
         if text.startswith(BUILTIN_PREFIX):
-            p = BUILTIN_TASKS / text[len(BUILTIN_PREFIX):]
-            if not p.is_dir():
-                known = [f"{BUILTIN_PREFIX}{c.name}" for c in sorted(BUILTIN_TASKS.glob("*")) if c.is_dir()]
-                raise SpecError(f"no built-in task directory {text!r}; "
-                                f"there are: {', '.join(known) or 'none'}")
+            p = packaged_task_dir(text)
         else:
             p = Path(d).expanduser().resolve()
         if not p.is_dir():

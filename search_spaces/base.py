@@ -29,6 +29,12 @@ from search_spaces.sources import ModelRef
 __all__ = ["Gene", "GeneSet", "InvalidPoint", "RecipeNotInSpace", "SearchSpace", "SpaceSpecBase"]
 
 
+# The most genes a space may have (docs/study-spec.md): beyond it no optimizer here learns
+# anything within a budget, and CMA-ES's d × d covariance alone would outgrow the API's memory.
+MAX_GENES = 4096
+MAX_SEED = 2**32 - 1
+
+
 class RecipeNotInSpace(ValueError):
     """``encode`` was given a recipe this space cannot express; the message says why."""
 
@@ -38,10 +44,11 @@ class SpaceSpecBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str
-    dtype: str | None = Field(default=None, description="dtype the inputs are read in")
-    out_dtype: str | None = Field(default=None, description="dtype of the merged model")
-    tokenizer_source: str | None = Field(default=None, description="'base' or one model")
-    merge_seed: int = Field(default=0, description="the recipe's seed (DARE / DELLA masks)")
+    dtype: str | None = Field(default=None, max_length=16, description="dtype the inputs are read in")
+    out_dtype: str | None = Field(default=None, max_length=16, description="dtype of the merged model")
+    tokenizer_source: str | None = Field(default=None, max_length=4096, description="'base' or one model")
+    merge_seed: int = Field(default=0, ge=0, le=MAX_SEED,
+                            description="the recipe's seed (DARE / DELLA masks)")
 
     def recipe_fields(self) -> dict[str, Any]:
         """The recipe's top-level settings that come from the spec, not from genes."""
@@ -66,6 +73,12 @@ class SearchSpace(ABC):
                 spec.model_dump() if isinstance(spec, BaseModel) else dict(spec)
             )
         self.spec = spec
+        planned = self.planned_dimension()
+        if planned > MAX_GENES:
+            raise ValueError(
+                f"this space would have {planned} genes, more than {MAX_GENES}: search coarser "
+                "(a larger granularity, fewer module filters, fewer repeats or a layer range)"
+            )
         self.genes = GeneSet(self._declare())
 
     @property
@@ -73,6 +86,11 @@ class SearchSpace(ABC):
         return len(self.genes)
 
     # ---- what subclasses provide ---------------------------------------------------
+    @abstractmethod
+    def planned_dimension(self) -> int:
+        """How many genes ``_declare`` will make, computed from the spec alone (cheap: it is
+        checked against MAX_GENES before any gene is built)."""
+
     @abstractmethod
     def _declare(self) -> list[Gene]:
         """The genes, in a stable order."""

@@ -32,6 +32,10 @@ from search_spaces.recipe import Recipe, Slice, SliceSource
 from search_spaces.registry import register_space
 from search_spaces.sources import ModelRef, model_string, source_letter
 
+MAX_LAYERS = 100_000
+MAX_REPEATS = 16
+MAX_SCALE = 1000.0
+MAX_STACK_SOURCES = 64
 INCLUDED, EXCLUDED = 0.75, 0.25  # what encode writes for a slot's include / priority gene
 
 
@@ -40,7 +44,8 @@ class StackSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: ModelRef
-    num_layers: int = Field(ge=1, description="the model's decoder layers (filled in by the service)")
+    num_layers: int = Field(ge=1, le=MAX_LAYERS,
+                            description="the model's decoder layers (filled in by the service)")
     layer_range: tuple[int, int] | None = Field(
         default=None, description="[start, end) of the layers used; default all"
     )
@@ -67,8 +72,8 @@ class ScaleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     search: bool = Field(default=True, description="search a scale per slot (else every scale is 1)")
-    low: float = 0.5
-    high: float = 1.5
+    low: float = Field(default=0.5, ge=-MAX_SCALE, le=MAX_SCALE)
+    high: float = Field(default=1.5, ge=-MAX_SCALE, le=MAX_SCALE)
     transform: Transform = Field(default="identity", description="'log' searches the scale's logarithm")
 
     @model_validator(mode="after")
@@ -82,10 +87,13 @@ class StackingSpaceSpec(SpaceSpecBase):
     """A layer-stacking search."""
 
     kind: Literal["stacking"] = "stacking"
-    sources: list[StackSource] = Field(min_length=1)
-    repeats: int = Field(default=2, ge=1, description="r: how many times the source layers repeat")
-    min_depth: int | None = Field(default=None, ge=1, description="fewest output layers (default 1)")
-    max_depth: int | None = Field(default=None, ge=1, description="most output layers (default T)")
+    sources: list[StackSource] = Field(min_length=1, max_length=MAX_STACK_SOURCES)
+    repeats: int = Field(default=2, ge=1, le=MAX_REPEATS,
+                         description=f"r: how many times the source layers repeat, 1 … {MAX_REPEATS}")
+    min_depth: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
+                                  description="fewest output layers (default 1)")
+    max_depth: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
+                                  description="most output layers (default T)")
     base_model: ModelRef | None = Field(
         default=None, description="owner of embeddings, final norm and head (default: the first source)"
     )
@@ -145,6 +153,10 @@ class LayerStackingSpace(SearchSpace):
         """The name of slot k's gene: role is include, priority or scale."""
         width = len(str(self.spec.num_slots - 1))
         return f"s{k:0{width}d}.{role}"
+
+    def planned_dimension(self) -> int:
+        per_slot = 2 if self.spec.scales.search else 1
+        return self.spec.num_slots * per_slot + int(self.spec.encoding == "ranked")
 
     def _declare(self) -> list[Gene]:
         spec = self.spec

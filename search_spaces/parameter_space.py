@@ -72,6 +72,12 @@ def _tag(flt: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", flt).strip("_") or "f"
 
 
+MAX_LAYERS = 100_000
+MAX_GRANULARITY = 1024  # layers per gene group
+MAX_FILTERS = 16  # module filters, final-norm filters, fixed parameters
+MAX_COEFFICIENT = 1000.0  # |bounds| of the weight, density and t ranges
+
+
 class ParameterSpaceSpec(SpaceSpecBase):
     """A parameter-space search: which method, which models, how fine the genes are."""
 
@@ -81,19 +87,21 @@ class ParameterSpaceSpec(SpaceSpecBase):
         default=None, description="the model the others were fine-tuned from (all methods but linear)"
     )
     models: list[ModelRef] = Field(min_length=1, description="the source models that get genes")
-    num_layers: int = Field(ge=1, description="decoder layers of the models (filled in by the service)")
+    num_layers: int = Field(ge=1, le=MAX_LAYERS,
+                            description="decoder layers of the models (filled in by the service)")
     granularity: int | None = Field(
-        default=None, ge=1, description="layers per gene group; None: one group for all layers"
+        default=None, ge=1, le=MAX_GRANULARITY,
+        description=f"layers per gene group, 1 … {MAX_GRANULARITY}; None: one group for all layers"
     )
     module_filters: list[str] = Field(
-        default_factory=list,
+        default_factory=list, max_length=MAX_FILTERS,
         description="separate genes per filter (a category such as attention / mlp, or a name substring)",
     )
     embedding_genes: bool = Field(
         default=True, description="separate genes for embeddings, final norm and head"
     )
     final_norm_filters: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_FINAL_NORM_FILTERS),
+        default_factory=lambda: list(DEFAULT_FINAL_NORM_FILTERS), max_length=MAX_FILTERS,
         description="name substrings that identify the final norm (it follows the embedding genes)",
     )
     weight_range: tuple[float, float] = (0.0, 1.0)
@@ -102,7 +110,8 @@ class ParameterSpaceSpec(SpaceSpecBase):
     density_range: tuple[float, float] = (0.1, 1.0)
     t_range: tuple[float, float] = (0.0, 1.0)
     parameters: dict[str, Scalar] = Field(
-        default_factory=dict, description="fixed method parameters (normalize, lambda, gamma, …)"
+        default_factory=dict, max_length=MAX_FILTERS,
+        description="fixed method parameters (normalize, lambda, gamma, …)"
     )
 
     @field_validator("method")
@@ -169,7 +178,8 @@ class ParameterSpaceSpec(SpaceSpecBase):
         return self
 
 
-def _check_range(name: str, rng: tuple[float, float], lo: float = -math.inf, hi: float = math.inf) -> None:
+def _check_range(name: str, rng: tuple[float, float], lo: float = -MAX_COEFFICIENT,
+                 hi: float = MAX_COEFFICIENT) -> None:
     a, b = rng
     if not (math.isfinite(a) and math.isfinite(b)) or a >= b:
         raise ValueError(f"{name} {list(rng)} must be two finite numbers, low < high")
@@ -240,6 +250,14 @@ class ParameterSpace(SearchSpace):
             "density": self.spec.density_range,
             "t": self.spec.t_range,
         }[param]
+
+    def planned_dimension(self) -> int:
+        n = self.spec.num_layers
+        k = min(self.spec.granularity or n, n)
+        owners = len(self.spec.models) if self.searched_model_params else 1
+        params = len(self.searched_model_params or self.info.global_params)
+        per_owner = params * (len(self._layer_scopes()) * -(-n // k) + int(self.spec.embedding_genes))
+        return owners * per_owner
 
     def _declare(self) -> list[Gene]:
         genes: list[Gene] = []

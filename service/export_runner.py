@@ -61,7 +61,8 @@ def export_card(study: Study, trial: Trial) -> dict[str, Any]:
     heldout = (trial.metrics or {}).get("heldout") if isinstance(trial.metrics, dict) else None
     return {
         "study_id": study.id, "study_name": study.name, "trial_number": trial.number, "spec": spec,
-        "optimizer": spec.get("optimizer") or {}, "seed": spec.get("seed"),
+        "optimizer": spec.get("optimizer") or {},
+        "seed": spec.get("seed", (spec.get("optimizer") or {}).get("seed", 0)),
         "scores": dict(trial.scores or {}),
         "heldout_scores": dict(heldout.get("scores") or {}) if isinstance(heldout, dict) else None,
         "fitness": trial.fitness, "values": list(trial.values) if isinstance(trial.values, list) else None,

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,68 +164,126 @@ class ModelHeaders:
 
 
 # ---- safetensors -------------------------------------------------------------------
+class _Corrupt(ValueError):
+    """Which check a safetensors file failed, worded without any byte of the file."""
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorHeader]:
-    """Tensor name -> header of one safetensors file; checks that the data is all there."""
+    """Tensor name -> header of one safetensors file; checks that the data is all there.
+
+    A refusal names the check that failed and never quotes the file (a path that slipped
+    past the checks must not be readable through error messages)."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) != 8:
-                raise ValueError("shorter than 8 bytes")
+                raise _Corrupt("it is shorter than the 8-byte header length")
             (size,) = struct.unpack("<Q", raw)
-            if size > MAX_HEADER_BYTES:
-                raise ValueError(f"a header of {size} bytes")
-            header = json.loads(fh.read(size))
+            if size > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+                raise _Corrupt("its header length is not that of a safetensors file")
+            try:
+                header = json.loads(fh.read(size))
+            except (ValueError, RecursionError):
+                raise _Corrupt("its header is not JSON") from None
         if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+            raise _Corrupt("its header is not a JSON object")
         out: dict[str, TensorHeader] = {}
         data_end = 0
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            shape = tuple(int(d) for d in meta["shape"])
-            dtype = str(meta["dtype"])
-            start, end = (int(x) for x in meta["data_offsets"])
+            try:
+                shape = tuple(int(d) for d in meta["shape"])
+                dtype = str(meta["dtype"])
+                start, end = (int(x) for x in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise _Corrupt("a tensor entry of its header lacks shape, dtype or offsets") from None
             numel = 1
             for d in shape:
                 numel *= d
             if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
-                raise ValueError(f"tensor {name} has {end - start} bytes for shape {list(shape)} {dtype}")
-            out[name] = TensorHeader(shape, dtype)
+                raise _Corrupt("a tensor's byte range does not match its shape and dtype")
+            out[str(name)] = TensorHeader(shape, dtype)
             data_end = max(data_end, end)
-        actual = path.stat().st_size
-        if actual < 8 + size + data_end:
-            raise ValueError(f"truncated: {actual} bytes, the header promises {8 + size + data_end}")
+        if path.stat().st_size < 8 + size + data_end:
+            raise _Corrupt("it is truncated (shorter than its header promises)")
         return out
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (_Corrupt, OSError) as err:
+        why = str(err) if isinstance(err, _Corrupt) else f"it cannot be read ({type(err).__name__})"
         raise ModelFormatError(
-            f"{path.name} is not a readable safetensors file ({err})",
+            f"{path.name} is not a readable safetensors file: {why}",
             "re-download or re-save the model (transformers' save_pretrained writes safetensors)",
         ) from None
 
 
-def _weight_files(folder: Path, ref: str) -> tuple[list[Path], Path | None]:
-    """The safetensors files of a folder (and its index, if sharded)."""
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,254}\.safetensors$")
+MAX_SHARDS = 10_000
+
+
+def _shard_names(index: Path, ref: str) -> list[str]:
+    """The shard file names an index lists: plain file names in the model's folder, nothing else.
+    A name with a folder, '..', or an odd character is refused before anything is opened; the
+    message never quotes what the index holds."""
+    bad_index = ModelFormatError(
+        f"model {ref!r}: {index.name} is not a valid index (a JSON object whose weight_map maps "
+        "tensor names to shard file names)", "re-save the model, or remove the broken index")
+    try:
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise bad_index
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(v) for v in weight_map.values()}) if isinstance(weight_map, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise bad_index from None
+    if not names or len(names) > MAX_SHARDS:
+        raise bad_index
+    odd = sum(1 for n in names if not _SHARD_NAME.match(n))
+    if odd:
+        raise ModelFormatError(
+            f"model {ref!r}: {index.name} names {odd} shard(s) that are not plain safetensors file "
+            "names in the model's folder (a path, '..' or an odd character)",
+            "list only the shard files of this folder in weight_map (e.g. model-00001-of-00002.safetensors)",
+            "path_outside_model")
+    return names
+
+
+def _check_contained(path: Path, folder: Path, ref: str, allowed: Sequence[Path] | None) -> None:
+    """Refuse a file of the folder that resolves (symlinks followed) outside ``allowed`` (the
+    folder itself when None), before it is opened. Worded the same whether or not the
+    target exists."""
+    real = Path(os.path.realpath(path))
+    inside = [Path(os.path.realpath(folder))] if allowed is None else list(allowed)
+    if not any(real == r or real.is_relative_to(r) for r in inside):
+        raise ModelFormatError(
+            f"model {ref!r}: {path.name} leads outside the "
+            f"{'model folder' if allowed is None else 'allowed roots'}",
+            "replace the link with the file itself, inside the model folder", "path_outside_roots")
+
+
+def _weight_files(folder: Path, ref: str,
+                  allowed: Sequence[Path] | None = None) -> tuple[list[Path], Path | None]:
+    """The safetensors files of a folder (and its index, if sharded), each checked to lie in
+    ``allowed`` (real paths; None: the folder) before it is opened."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ModelFormatError(
-                f"model {ref!r}: {index.name} is not a valid index ({err})",
-                "re-save the model, or remove the broken index",
-            ) from None
-        missing = [n for n in names if not (folder / n).is_file()]
+        _check_contained(index, folder, ref, allowed)
+        names = _shard_names(index, ref)
+        shards = [folder / n for n in names]
+        for shard in shards:  # every name is checked before any shard is opened
+            _check_contained(shard, folder, ref, allowed)
+        missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise ModelFormatError(
-                f"model {ref!r}: shards {missing[:3]} named in {index.name} are missing",
+                f"model {ref!r}: {len(missing)} shard(s) named in {index.name} are missing",
                 "the download is incomplete: download the model again",
             )
-        return [folder / n for n in names], index
+        return shards, index
     if (folder / "model.safetensors").is_file():
+        _check_contained(folder / "model.safetensors", folder, ref, allowed)
         return [folder / "model.safetensors"], None
     shards = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
     if shards:
+        for shard in shards:
+            _check_contained(shard, folder, ref, allowed)
         return shards, None
     if list(folder.glob("pytorch_model*.bin")) or (folder / "pytorch_model.bin.index.json").exists():
         raise ModelFormatError(
@@ -243,8 +302,13 @@ def _weight_files(folder: Path, ref: str) -> tuple[list[Path], Path | None]:
     )
 
 
-def read_model_folder(folder: Path, ref: str | None = None) -> ModelHeaders:
-    """Read a local model folder's config and safetensors headers."""
+def read_model_folder(folder: Path, ref: str | None = None, *,
+                      allowed: Sequence[Path] | None = None) -> ModelHeaders:
+    """Read a local model folder's config and safetensors headers.
+
+    Every file is checked to resolve inside ``allowed`` (real paths, e.g. the model roots;
+    None: the folder itself) before it is opened, so neither a symlink nor a shard name in
+    the index can make the server read another file."""
     ref = ref or str(folder)
     if not folder.is_dir():
         what = "a file, not a folder" if folder.exists() else "not found"
@@ -262,14 +326,17 @@ def read_model_folder(folder: Path, ref: str | None = None) -> ModelHeaders:
         raise ModelFormatError(f"model {ref!r} has no config.json",
                                "give the folder that holds config.json and the weights",
                                "model_no_config")
+    _check_contained(config_path, folder, ref, allowed)
     try:
-        config = json.loads(config_path.read_text())
+        if config_path.stat().st_size > MAX_HEADER_BYTES:
+            raise ValueError("larger than any config")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        raise ModelFormatError(f"model {ref!r}: config.json is not valid JSON ({err})",
+    except (OSError, ValueError, RecursionError):
+        raise ModelFormatError(f"model {ref!r}: config.json is not a valid JSON object",
                                "repair or re-save config.json") from None
-    files, index = _weight_files(folder, ref)
+    files, index = _weight_files(folder, ref, allowed)
     tensors: dict[str, TensorHeader] = {}
     for f in files:
         tensors.update(read_safetensors_header(f))
@@ -294,9 +361,11 @@ def read_hub_model(repo_id: str, *, revision: str | None = None,
     from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
 
     try:
-        local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=HUB_PATTERNS, local_files_only=True)
-        return read_model_folder(Path(str(local)), ref=repo_id)
+        local = Path(str(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                           allow_patterns=HUB_PATTERNS, local_files_only=True)))
+        # a snapshot's files are links into the repository's blobs/: the repository folder holds both
+        repo_folder = Path(os.path.realpath(local.parent.parent))
+        return read_model_folder(local, ref=repo_id, allowed=[repo_folder])
     except ModelFormatError as err:
         if err.kind == "model_no_config" or hub_offline():
             raise

@@ -37,10 +37,18 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from evaluators.base import EvaluationSpec
+from evaluators.base import MAX_LIMIT, MAX_OBJECTIVES, EvaluationSpec
 from search_spaces import registry as space_registry
 from search_spaces.optimizers.base import OptimizerSpec
 from search_spaces.sources import StudyRef
+from service.spec_limits import (
+    MAX_DEPTH,
+    MAX_NAME_CHARS,
+    MAX_SEED,
+    MAX_TEXT_BYTES,
+    control_characters,
+    shape_problems,
+)
 
 MAX_TRIALS = 100_000
 MAX_SECONDS = 30 * 24 * 3600.0  # 30 days
@@ -220,6 +228,9 @@ def _stacking_layer_ranges(cls: type, value: Any) -> Any:
     return value
 
 
+_LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
+
+
 def _space_form(kind: str, spec_class: type[BaseModel]) -> type[BaseModel]:
     """The user's form of a space spec: the spec's fields minus the derived ones.
 
@@ -245,8 +256,9 @@ def _space_form(kind: str, spec_class: type[BaseModel]) -> type[BaseModel]:
             )
     if kind == "stacking":
         fields["layer_ranges"] = (
-            Union[list[Union[tuple[int, int], None]], None],
-            Field(default=None, description="one entry per source: [start, end) of the layers it "
+            Union[list[Union[tuple[_LayerIndex, _LayerIndex], None]], None],
+            Field(default=None, max_length=MAX_SOURCES,
+                  description="one entry per source: [start, end) of the layers it "
                   "contributes, or null for all of them"),
         )
         validators["_layer_ranges"] = field_validator("layer_ranges")(classmethod(_stacking_layer_ranges))
@@ -280,12 +292,14 @@ class HeldoutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_k: int = Field(default=3, ge=1, le=MAX_HELDOUT_TOP_K, description="how many of the best trials")
     tasks: dict[str, str] | None = Field(
-        default=None,
+        default=None, max_length=MAX_OBJECTIVES,
         description="search task -> held-out task (e.g. zoo_xl_add: zoo_xl_add_heldout), one entry per "
         "objective task; omitted: the examples each task's `limit` left out",
     )
     limit: int | float | None = Field(
-        default=None, description="examples per named held-out task (default: all of them)"
+        default=None, ge=0, le=MAX_LIMIT,
+        description=f"examples per named held-out task, up to {MAX_LIMIT}, or a fraction below 1 "
+        "(default: all of them)"
     )
 
     @model_validator(mode="after")
@@ -385,7 +399,8 @@ class StudySpec(BaseModel):
         json_schema_extra={"examples": [DEMO_EXAMPLE, MULTI_OBJECTIVE_EXAMPLE]},
     )
 
-    name: str = Field(min_length=1, max_length=200, description="for people: shown on the dashboard")
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS,
+                      description="for people: shown on the dashboard (no control characters)")
     sources: list[SourceRef] = Field(
         min_length=1, max_length=MAX_SOURCES,
         description="the models merged: folders under the server's model roots (absolute, or relative to "
@@ -410,12 +425,22 @@ class StudySpec(BaseModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="how points are proposed")
     budget: Budget = Field(description="when the study stops")
     parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM, description="candidates scored at once")
-    seed: int = Field(default=0, ge=0, description="seeds the optimizer: the same spec and seed give the "
-                      "same proposals")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seeds the optimizer: the same spec and seed "
+                      "give the same proposals")
     trust_remote_code: bool = Field(
         default=False, description="allow models that ship their own code; refused unless the server "
         "enables it (EVOMERGE_TRUST_REMOTE_CODE)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        bad = control_characters(value)
+        if bad:
+            raise ValueError(f"the name contains control characters ({', '.join(bad[:5])}): remove them")
+        if not value.strip():
+            raise ValueError("the name is blank")
+        return value
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -427,8 +452,14 @@ class StudySpec(BaseModel):
                 fix="write the spec as a YAML mapping or a JSON object (docs/study-spec.md has examples)",
                 type="spec_not_a_mapping",
             )])
+        shape = shape_problems(data)
+        if shape:
+            raise StudyValidationError([Problem(loc=loc, msg=msg, fix=fix, type="spec_shape")
+                                        for loc, msg, fix in shape])
         try:
-            return cls.model_validate(dict(data))
+            # strict, through JSON: `true` is no count and "5" no number, while a JSON array
+            # still fills a tuple (pydantic's strict Python mode would refuse that)
+            return cls.model_validate_json(json.dumps(dict(data), allow_nan=True), strict=True)
         except ValidationError as err:
             raise StudyValidationError(problems_from_pydantic(err)) from None
 
@@ -470,6 +501,19 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def parse_text(text: str | bytes) -> Any:
     """YAML or JSON text -> data; a syntax error becomes a :class:`StudyValidationError`."""
     if isinstance(text, bytes):
@@ -479,12 +523,34 @@ def parse_text(text: str | bytes) -> Any:
             raise StudyValidationError([Problem(
                 loc=[], msg="the study spec is not UTF-8 text", fix="save the file as UTF-8",
                 type="spec_not_text")]) from None
+    if len(text) > MAX_TEXT_BYTES:
+        raise StudyValidationError([Problem(
+            loc=[], msg=f"the study spec has {len(text)} characters, more than {MAX_TEXT_BYTES}",
+            fix="a study spec names its models and tasks; it does not carry them", type="spec_too_large")])
     if not text.strip():
         raise StudyValidationError([Problem(loc=[], msg="the study spec is empty",
                                             fix="write a spec (docs/study-spec.md has a complete example)",
                                             type="spec_empty")])
     try:
+        if text.lstrip()[:1] in ("{", "["):  # JSON: parsed as JSON (a YAML parser splits surrogate pairs)
+            try:
+                return json.loads(text, object_pairs_hook=_unique_json_keys)
+            except json.JSONDecodeError:
+                pass  # YAML's flow style, e.g. unquoted keys
         return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise StudyValidationError([Problem(
+            loc=[], msg=f"the study spec nests too deeply (more than {MAX_DEPTH} levels are never needed)",
+            fix="flatten it: no field of a study spec nests that deep", type="spec_too_deep")]) from None
+    except _DuplicateKey as err:
+        raise StudyValidationError([Problem(
+            loc=[], msg=f"the study spec is not valid JSON: {err}", fix="give each key once",
+            type="spec_syntax")]) from None
+    except ValueError:  # e.g. an integer of more than 4300 digits
+        raise StudyValidationError([Problem(
+            loc=[], msg="the study spec holds a value that cannot be read (e.g. a number of thousands of "
+            "digits)", fix="give numbers within their bounds (docs/study-spec.md)",
+            type="spec_syntax")]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -40,6 +40,7 @@ from service.spec import (
     StudyValidationError,
     problems_from_pydantic,
 )
+from service.spec_limits import MAX_TASK_DIRS
 
 Loc = list[Union[str, int]]
 StudyResolver = Callable[[StudyRef], Union[str, Path]]
@@ -233,14 +234,7 @@ def _resolve_model(loc: Loc, ref: Union[str, StudyRef], settings: SettingsLike, 
         info = _info(loc, text, text, "hub", headers)
         return _Model(info, headers, text)
     real = resolve_under_roots(text, roots)
-    headers = read_model_folder(real, ref=text)
-    for f in headers.files:  # a file of the folder may itself be a link out of the roots
-        if not _inside(Path(os.path.realpath(f)), roots):
-            raise _Refusal(
-                f"model {text!r}: {f.name} links to a location outside the allowed roots",
-                "replace the link with the file itself, inside the model roots",
-                "path_outside_roots",
-            )
+    headers = read_model_folder(real, ref=text, allowed=roots)  # each file checked before it is opened
     info = _info(loc, text, str(real), "local", headers)
     return _Model(info, headers, str(real))
 
@@ -460,19 +454,15 @@ def _check_eval_paths(evaluation: EvaluationSpec, spec: StudySpec, settings: Set
     """Task directories and text files must lie under the roots too; made absolute and real."""
     roots = _real_roots(getattr(settings, "task_roots", None) or getattr(settings, "model_roots", []) or [])
     options = dict(evaluation.options)
-    if isinstance(options.get("task_dirs"), list):
-        dirs = []
-        for j, d in enumerate(options["task_dirs"]):
-            if isinstance(d, str) and d.startswith(_BUILTIN_TASKS):
-                dirs.append(d)
-                continue
-            try:
-                real = resolve_under_roots(str(d), roots, what="task directory")
-            except _Refusal as err:
-                problems.refusal(["evaluation", "options", "task_dirs", j], err)
-                continue
-            dirs.append(str(real))
-        options["task_dirs"] = dirs
+    task_dirs = options.get("task_dirs")
+    if isinstance(task_dirs, list) and len(task_dirs) > MAX_TASK_DIRS:
+        problems.add(["evaluation", "options", "task_dirs"],
+                     f"{len(task_dirs)} task directories, more than {MAX_TASK_DIRS}",
+                     "put the task YAML files into fewer folders", "too_many_task_dirs")
+    elif isinstance(task_dirs, list):
+        checked = [_task_dir(d, roots, problems, ["evaluation", "options", "task_dirs", j])
+                   for j, d in enumerate(task_dirs)]
+        options["task_dirs"] = [d for d in checked if d is not None]
     if isinstance(options.get("text_files"), Mapping):
         files = {}
         for key, f in options["text_files"].items():
@@ -487,6 +477,35 @@ def _check_eval_paths(evaluation: EvaluationSpec, spec: StudySpec, settings: Set
                      "hflm_args.trust_remote_code needs the study's trust_remote_code",
                      "remove it (evomerge hands lm-eval an in-memory model)", "trust_remote_code_refused")
     return evaluation.model_copy(update={"options": options})
+
+
+def _task_dir(given: Any, roots: Sequence[Path], problems: _Problems, loc: Loc) -> str | None:
+    """A task directory as the evaluator gets it (``evomerge:NAME`` as given, else its real path),
+    or None with a problem: a packaged folder is looked up by name only, and a folder under the
+    roots must lead nowhere outside them (service.task_dirs)."""
+    from evaluators.base import SpecError
+    from evaluators.validation import packaged_task_dir
+    from service.task_dirs import TaskDirRefusal, audit_task_dir
+
+    text = str(given)
+    if text.startswith(_BUILTIN_TASKS):
+        try:
+            packaged_task_dir(text)
+        except SpecError as err:
+            problems.add(loc, str(err), "write evomerge:<name> with one of the names listed, or give a "
+                         "folder under the roots", "unknown_packaged_tasks")
+            return None
+        return text
+    try:
+        real = resolve_under_roots(text, roots, what="task directory")
+        if not real.is_dir():
+            raise _Refusal(f"task directory {text!r} is not a folder", "give the folder of the task YAML "
+                           "files", "task_directory_not_found")
+        audit_task_dir(real, roots)
+    except (_Refusal, TaskDirRefusal) as err:
+        problems.add(loc, err.msg, err.fix, err.kind)
+        return None
+    return str(real)
 
 
 def _objective_loc(prefix: Loc, msg: str, suffix: bool = True) -> tuple[Loc, str, str]:

@@ -96,7 +96,7 @@ def test_direction_override_and_settings_consistency(task_dir):
                              ObjectiveSpec(task="zz_choice", metric="acc_norm", limit=4)], [task_dir])
     with pytest.raises(SpecError, match="does not exist"):
         validate_objectives([ObjectiveSpec(task="zz_choice", metric="acc")], [task_dir / "missing"])
-    with pytest.raises(SpecError, match="no built-in task directory 'evomerge:nope'"):
+    with pytest.raises(SpecError, match="'evomerge:nope' is not a packaged task folder"):
         validate_objectives([ObjectiveSpec(task="zz_choice", metric="acc")], ["evomerge:nope"])
 
 

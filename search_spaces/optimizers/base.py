@@ -52,24 +52,35 @@ class Failure:
 Result = Union[float, Sequence[float], Failure, None]
 
 
+# Bounds of an optimizer spec (docs/study-spec.md lists them with the study's other bounds).
+MAX_POPULATION = 1024  # CMA-ES / NSGA-II population
+MAX_SEED = 2**32 - 1  # what numpy's and Optuna's samplers take
+MAX_DIRECTIONS = 32  # one per objective
+MAX_OPTIONS = 32
+
+
 class OptimizerSpec(BaseModel):
     """How to search: which optimizer, its seed and its few knobs."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(default="optuna-cmaes", description="see search_spaces.optimizers.names()")
-    seed: int = Field(default=0, ge=0, description="the same spec and seed give the same proposals")
+    name: str = Field(default="optuna-cmaes", max_length=64,
+                      description="see search_spaces.optimizers.names()")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED,
+                      description="the same spec and seed give the same proposals")
     directions: list[Direction] = Field(
-        default_factory=lambda: ["maximize"], min_length=1,
+        default_factory=lambda: ["maximize"], min_length=1, max_length=MAX_DIRECTIONS,
         description="one per objective; more than one needs a multi-objective optimizer (nsga2)",
     )
     population_size: int | None = Field(
-        default=None, ge=2, description="CMA-ES / NSGA-II population (default: the library's)"
+        default=None, ge=2, le=MAX_POPULATION,
+        description=f"CMA-ES / NSGA-II population, 2 … {MAX_POPULATION} (default: the library's)"
     )
     sigma0: float | None = Field(
         default=None, gt=0, le=1, description="CMA-ES initial step, as a fraction of each gene's range"
     )
     x0: Recipe | None = Field(default=None, description="start from this recipe (encoded by the space)")
-    options: dict[str, Any] = Field(default_factory=dict, description="optimizer-specific options")
+    options: dict[str, Any] = Field(default_factory=dict, max_length=MAX_OPTIONS,
+                                    description="optimizer-specific options")
 
     @field_validator("name")
     @classmethod
@@ -82,6 +93,22 @@ class OptimizerSpec(BaseModel):
     @property
     def multi_objective(self) -> bool:
         return len(self.directions) > 1
+
+
+def option(spec: OptimizerSpec, name: str, default: Any, kind: type, low: float | None = None,
+           high: float | None = None) -> Any:
+    """``spec.options[name]`` (or ``default``) checked for its type and bounds; an
+    :class:`OptimizerError` says what is wrong. ``kind`` is bool, int, float or str."""
+    value = spec.options.get(name, default)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise OptimizerError(f"options.{name} of {spec.name} must be a {kind.__name__}, got {value!r}")
+    if kind in (int, float) and not (math.isfinite(value) and (low is None or value >= low)
+                                     and (high is None or value <= high)):
+        raise OptimizerError(f"options.{name} of {spec.name} must lie in [{low}, {high}], got {value!r}")
+    return value
 
 
 class Optimizer(ABC):

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.genes import GeneSet
 from search_spaces.optimizers import register
-from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point
+from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, option
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -229,8 +229,8 @@ class OptunaCmaEs(OptunaOptimizer):
     def _sampler(self) -> BaseSampler:
         kwargs: dict[str, Any] = {
             "popsize": self.spec.population_size,
-            "use_separable_cma": bool(self.spec.options.get("use_separable_cma", False)),
-            "lr_adapt": bool(self.spec.options.get("lr_adapt", False)),
+            "use_separable_cma": option(self.spec, "use_separable_cma", False, bool),
+            "lr_adapt": option(self.spec, "lr_adapt", False, bool),
         }
         if self.spec.sigma0 is not None:  # Optuna's sigma0 is in the [0, 1]-scaled space, like ours
             kwargs["sigma0"] = self.spec.sigma0
@@ -274,12 +274,11 @@ class OptunaTpe(OptunaOptimizer):
     known_options = frozenset({"n_startup_trials", "multivariate", "constant_liar"})
 
     def _sampler(self) -> BaseSampler:
-        o = self.spec.options
         return TPESampler(
             seed=self.spec.seed,
-            n_startup_trials=int(o.get("n_startup_trials", 10)),
-            multivariate=bool(o.get("multivariate", True)),
-            constant_liar=bool(o.get("constant_liar", True)),
+            n_startup_trials=option(self.spec, "n_startup_trials", 10, int, 0, 100_000),
+            multivariate=option(self.spec, "multivariate", True, bool),
+            constant_liar=option(self.spec, "constant_liar", True, bool),
         )
 
 
@@ -292,7 +291,7 @@ class OptunaRandom(OptunaOptimizer):
     known_options = frozenset({"qmc"})
 
     def _sampler(self) -> BaseSampler:
-        if self.spec.options.get("qmc", True):
+        if option(self.spec, "qmc", True, bool):
             return _KnownSpaceQmc(self.distributions, self.spec.seed, qmc_type="sobol", scramble=True)
         return SeededRandomSampler(self.spec.seed)
 
@@ -309,7 +308,7 @@ class OptunaNsga2(OptunaOptimizer):
         o = self.spec.options
         kwargs: dict[str, Any] = {"seed": self.spec.seed, "population_size": self.spec.population_size or 50}
         if "crossover_prob" in o:
-            kwargs["crossover_prob"] = float(o["crossover_prob"])
+            kwargs["crossover_prob"] = option(self.spec, "crossover_prob", None, float, 0.0, 1.0)
         if "mutation_prob" in o:
-            kwargs["mutation_prob"] = float(o["mutation_prob"])
+            kwargs["mutation_prob"] = option(self.spec, "mutation_prob", None, float, 0.0, 1.0)
         return NSGAIISampler(**kwargs)

@@ -41,7 +41,7 @@ import numpy as np
 
 from search_spaces.genes import GeneSet
 from search_spaces.optimizers import register
-from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point
+from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, option
 
 STATE_VERSION = 1
 DEFAULT_SIGMA0 = 1 / 6  # as Optuna's CMA-ES: a sixth of each gene's range
@@ -97,15 +97,14 @@ class PyCma(Optimizer):
         state: bytes | None = None,
     ):
         super().__init__(spec, genes, x0)
-        o = spec.options
-        self.restarts = o.get("restarts", "none")
+        self.restarts = option(spec, "restarts", "none", str)
         if self.restarts not in ("none", "ipop", "bipop"):
             raise OptimizerError(f"options.restarts must be none, ipop or bipop; got {self.restarts!r}")
-        self.late_results = o.get("late_results", "use")
+        self.late_results = option(spec, "late_results", "use", str)
         if self.late_results not in ("use", "drop"):
             raise OptimizerError(f"options.late_results must be use or drop; got {self.late_results!r}")
-        self.max_restarts = int(o.get("max_restarts", 9))
-        self.incpopsize = float(o.get("incpopsize", 2))
+        self.max_restarts = option(spec, "max_restarts", 9, int, 0, 100)
+        self.incpopsize = option(spec, "incpopsize", 2.0, float, 1.0, 10.0)
         if spec.population_size is not None and spec.population_size < 4:
             raise OptimizerError("cma needs population_size >= 4 (or leave it unset for pycma's default)")
         if state is not None:
@@ -164,7 +163,7 @@ class PyCma(Optimizer):
         }
         if popsize:
             opts["popsize"] = int(popsize)
-        if self.spec.options.get("diagonal"):
+        if option(self.spec, "diagonal", False, bool):
             opts["CMA_diagonal"] = True
         with warnings.catch_warnings():  # pycma warns that matplotlib is missing, and more
             warnings.simplefilter("ignore")

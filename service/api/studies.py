@@ -106,10 +106,9 @@ def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
     except StudyValidationError as err:
         raise HTTPException(422, err.detail()) from None
     stored = validated.model_dump(mode="json")
-    if "directions" not in validated.spec.optimizer.model_fields_set:
-        # derived from the objectives: written out, the default (one 'maximize') would read as the
-        # user's when the controller validates the stored spec again, and refuse a multi-objective study
-        stored["spec"]["optimizer"].pop("directions", None)
+    # the spec as the user wrote it: a default written out (optimizer.seed, optimizer.directions)
+    # would read as the user's own when the controller validates the stored spec again
+    stored["spec"] = validated.spec.model_dump(mode="json", exclude_unset=True)
     with state.sessions.begin() as session:
         study = Study(name=validated.spec.name, spec=stored, status=StudyStatus.QUEUED, owner=owner)
         session.add(study)
