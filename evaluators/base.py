@@ -40,7 +40,8 @@ class ObjectiveSpec(BaseModel):
     weight: float = Field(default=1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT)
     higher_is_better: bool | None = None  # None: take the task's / metric's own direction
     # examples per task; a float < 1 is a fraction
-    limit: int | float | None = Field(default=None, le=MAX_LIMIT)
+    limit: int | float | None = Field(
+        default=None, le=MAX_LIMIT, json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_LIMIT})
     num_fewshot: int | None = Field(default=None, ge=0, le=MAX_FEWSHOT)
     # score on this dataset split instead of the task's test split
     split: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +42,8 @@ class LoglikOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    texts: dict[str, list[str]] = Field(default_factory=dict, max_length=32)
+    texts: dict[str, Annotated[list[str], Field(max_length=1024)]] = Field(default_factory=dict,
+                                                                           max_length=32)
     text_files: dict[str, str] = Field(default_factory=dict, max_length=32)
     prefix: Literal["none", "bos", "eos"] = "none"
     # keep at most this many tokens of a text

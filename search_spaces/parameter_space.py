@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,7 +38,11 @@ from search_spaces.recipe import ConditionalParameter, ModelEntry, Recipe
 from search_spaces.registry import register_space
 from search_spaces.sources import ModelRef, model_string, source_letter
 
-Scalar = Union[bool, int, float, str]
+MAX_COEFFICIENT = 1000.0  # |bounds| of the weight, density and t ranges
+MAX_FIXED = 1_000_000  # |a fixed parameter|
+Scalar = Union[bool, Annotated[int, Field(ge=-MAX_FIXED, le=MAX_FIXED)],
+               Annotated[float, Field(ge=-MAX_FIXED, le=MAX_FIXED)], Annotated[str, Field(max_length=200)]]
+Coefficient = Annotated[float, Field(ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
 
 _TASK_VECTOR_FIXED = ("normalize", "rescale", "rescale_mode", "lambda", "int8_mask")
 DEFAULT_FINAL_NORM_FILTERS = ["model.norm.", "ln_f.", "norm_f."]
@@ -75,7 +79,6 @@ def _tag(flt: str) -> str:
 MAX_LAYERS = 100_000
 MAX_GRANULARITY = 1024  # layers per gene group
 MAX_FILTERS = 16  # module filters, final-norm filters, fixed parameters
-MAX_COEFFICIENT = 1000.0  # |bounds| of the weight, density and t ranges
 
 
 class ParameterSpaceSpec(SpaceSpecBase):
@@ -104,11 +107,11 @@ class ParameterSpaceSpec(SpaceSpecBase):
         default_factory=lambda: list(DEFAULT_FINAL_NORM_FILTERS), max_length=MAX_FILTERS,
         description="name substrings that identify the final norm (it follows the embedding genes)",
     )
-    weight_range: tuple[float, float] = (0.0, 1.0)
+    weight_range: tuple[Coefficient, Coefficient] = (0.0, 1.0)
     negative_weights: bool = Field(default=False, description="allow weight_range to go below 0")
     search_density: bool = Field(default=True, description="search densities (else fixed or default)")
-    density_range: tuple[float, float] = (0.1, 1.0)
-    t_range: tuple[float, float] = (0.0, 1.0)
+    density_range: tuple[Coefficient, Coefficient] = (0.1, 1.0)
+    t_range: tuple[Coefficient, Coefficient] = (0.0, 1.0)
     parameters: dict[str, Scalar] = Field(
         default_factory=dict, max_length=MAX_FILTERS,
         description="fixed method parameters (normalize, lambda, gamma, …)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +30,7 @@ class StudyRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     study: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", description="id of the study")
-    trial: Literal["best"] | int = Field(
+    trial: Literal["best"] | Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(
         default="best", description="'best' or a trial number of that study"
     )
 

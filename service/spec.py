@@ -297,7 +297,7 @@ class HeldoutSpec(BaseModel):
         "objective task; omitted: the examples each task's `limit` left out",
     )
     limit: int | float | None = Field(
-        default=None, ge=0, le=MAX_LIMIT,
+        default=None, ge=0, le=MAX_LIMIT, json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_LIMIT},
         description=f"examples per named held-out task, up to {MAX_LIMIT}, or a fraction below 1 "
         "(default: all of them)"
     )
@@ -319,9 +319,12 @@ class Budget(BaseModel):
     """When the study stops: after ``max_trials`` trials or ``max_seconds``, whichever first."""
 
     model_config = ConfigDict(extra="forbid")
-    max_trials: int | None = Field(default=None, description=f"1 … {MAX_TRIALS}")
-    max_seconds: float | None = Field(default=None,
-                                      description=f"wall-clock seconds, up to {MAX_SECONDS:.0f}")
+    # bounds enforced by the validators below (their messages say what to do instead)
+    max_trials: int | None = Field(default=None, description=f"1 … {MAX_TRIALS}",
+                                   json_schema_extra={"minimum": 1, "maximum": MAX_TRIALS})
+    max_seconds: float | None = Field(
+        default=None, description=f"wall-clock seconds, up to {MAX_SECONDS:.0f}",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
 
     @field_validator("max_trials")
     @classmethod

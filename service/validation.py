@@ -525,6 +525,7 @@ def check_evaluation(evaluation: EvaluationSpec, problems: _Problems, loc: Loc,
     """Validate with the evaluator's own ``validate`` (no model); each objective on its own first,
     so a problem names its objective. Imports ``lm_eval.tasks`` for the lm_eval evaluator."""
     from evaluators import registry
+    from evaluators.validation import IndexNotReady
 
     try:
         cls = registry.get(evaluation.evaluator)
@@ -543,6 +544,8 @@ def check_evaluation(evaluation: EvaluationSpec, problems: _Problems, loc: Loc,
         try:
             one = evaluation.model_copy(update={"objectives": [objective], "subset": "search"})
             registry.validate_spec(one)
+        except IndexNotReady:
+            raise
         except SpecError as err:
             for msg in _split(str(err)):
                 where, fix, kind = _objective_loc(oloc, msg, suffix=objective_locs is None)
@@ -552,6 +555,8 @@ def check_evaluation(evaluation: EvaluationSpec, problems: _Problems, loc: Loc,
         return None
     try:
         return registry.validate_spec(evaluation)
+    except IndexNotReady:
+        raise
     except SpecError as err:
         for msg in _split(str(err)):
             problems.add(loc, msg, "change the evaluation as the message says", "evaluation_invalid")

@@ -325,3 +325,23 @@ def test_deep_nesting_is_refused_with_a_4xx(server, depth):
     yaml_flow = f"name: x\nsources: {'[' * depth}{']' * depth}\n"
     r = server.post("/studies", content=yaml_flow.encode(), headers={"Content-Type": "application/yaml"})
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+
+
+# ---- validation never waits for lm-eval's built-in index -------------------------------------------
+def test_a_spec_that_needs_the_builtin_task_index_never_waits_for_it(server):
+    """lm-eval's index of its ~15,000 built-in tasks takes ~20 s to build: the API answers 503 with
+    Retry-After while it is built in the background, then validates against it."""
+    import time
+
+    objectives = [{"task": f"gsm8kk{i}", "metric": "exact_match"} for i in range(32)]
+    deadline = time.monotonic() + 300
+    while True:
+        r = _submit(server, evaluation={"evaluator": "lm_eval", "objectives": objectives})
+        if r.status_code != 503:
+            break
+        assert "being built" in r.json()["detail"] and r.headers["Retry-After"]
+        assert time.monotonic() < deadline, "the index was never built"
+        time.sleep(2)
+    found = _problems(r)
+    assert found[("evaluation", "objectives", 0, "task")]["type"] == "unknown_task"
+    assert "gsm8k" in found[("evaluation", "objectives", 0, "task")]["msg"]  # close matches are found

@@ -94,6 +94,7 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
 
 def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
     """Validate (reads model headers: blocking) and store a study; runs in a threadpool."""
+    from evaluators.validation import IndexNotReady, builtin_index_policy
     from service.study_refs import submission_folder
     from service.validation import validate_study  # imports the evaluator registry lazily
 
@@ -101,10 +102,15 @@ def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
         with state.sessions() as session:
             return submission_folder(session, ref)
 
+    policy = builtin_index_policy.set("refuse")  # never wait ~20 s for lm-eval's built-in index here
     try:
         validated = validate_study(StudySpec.from_text(body), state.settings, resolve_study_ref=other_study)
     except StudyValidationError as err:
         raise HTTPException(422, err.detail()) from None
+    except IndexNotReady as err:
+        raise HTTPException(503, str(err), headers={"Retry-After": "15"}) from None
+    finally:
+        builtin_index_policy.reset(policy)
     stored = validated.model_dump(mode="json")
     # the spec as the user wrote it: a default written out (optimizer.seed, optimizer.directions)
     # would read as the user's own when the controller validates the stored spec again
