@@ -16,10 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# One unprivileged user, the same uid as in the worker image: both write the shared /data.
+# One unprivileged user, the same uid as in the worker image: both write the shared /data. A new
+# named volume takes its mount point's owner from the image: /ray-auth is where the one-shot
+# `ray-token` service of docker-compose.yml writes the Ray token (private to this uid).
 RUN useradd --create-home --uid 1000 evomerge \
- && mkdir -p /data /models /hf-cache \
- && chown evomerge:evomerge /data /hf-cache
+ && mkdir -p /data /models /hf-cache /ray-auth \
+ && chown evomerge:evomerge /data /hf-cache /ray-auth
 
 COPY pyproject.toml README.md /tmp/src/
 COPY service /tmp/src/service

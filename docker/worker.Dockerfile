@@ -25,8 +25,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The same uid as the API image: exports written here are served from the same /data there.
 RUN useradd --create-home --uid 1000 evomerge \
- && mkdir -p /data /models /hf-cache \
- && chown evomerge:evomerge /data /hf-cache
+ && mkdir -p /data /models /hf-cache /ray-auth \
+ && chown evomerge:evomerge /data /hf-cache /ray-auth
 
 # torch in its own layer: it is the big one, and it changes less often than the code.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"; \

@@ -11,13 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service.api import events, exports, studies
 from service.api.deps import AppState, app_state
-from service.api.schemas import ErrorOut, HealthOut
+from service.api.guards import BodyGuard, add_error_handlers
+from service.api.schemas import ErrorOut, HealthDegradedOut, HealthOut
 from service.dashboard import router as dashboard_router
 from service.settings import Settings, get_settings
 
@@ -75,26 +77,73 @@ def create_app(settings: Settings | None = None, *, start_controller: bool = Tru
                 await run_in_threadpool(state.controller.stop)
             engine.dispose()
 
-    app = FastAPI(title="evomerge", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="evomerge", version=VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  responses=COMMON_RESPONSES)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    add_error_handlers(app)
     app.include_router(studies.router)
     app.include_router(events.router)
     app.include_router(exports.router)
     app.include_router(dashboard_router)  # the web dashboard at / (static files; data from the API)
 
     @app.get("/health", response_model=HealthOut, tags=["service"], summary="Is the service up?",
-             responses={503: {"model": ErrorOut,
-                              "description": "starting up, or the database is unreachable"}})
-    def health(state: AppState = Depends(app_state)) -> HealthOut:
-        """No token needed. Checks that the database answers."""
-        try:
-            with state.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise HTTPException(503, f"the database does not answer: {type(exc).__name__}") from None
+             responses={503: {"model": HealthDegradedOut,
+                              "description": "starting up, or degraded: the database does not answer, "
+                                             "the data disk is (nearly) full or read-only, or the study "
+                                             "controller is stalled on a write fault"}})
+    def health(state: AppState = Depends(app_state)) -> Any:
+        """No token needed. Checks that the database answers, that the data directory has space
+        (EVOMERGE_MIN_FREE_BYTES) and can be written, and that the study controller is not stalled."""
+        problems = _health_problems(state)
+        if problems:
+            degraded = HealthDegradedOut(detail="; ".join(problems), problems=problems, version=VERSION,
+                                         database=state.engine.dialect.name, auth=settings.auth)
+            return JSONResponse(degraded.model_dump(mode="json"), status_code=503)
         return HealthOut(version=VERSION, database=state.engine.dialect.name, auth=settings.auth)
 
     _add_spec_schema(app)
     return app
+
+
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the JSON body nests too deeply"},
+    413: {"model": ErrorOut, "description": "the body is larger than this route accepts"},
+    503: {"model": ErrorOut, "description": "the database cannot be reached or written; try again later"},
+    507: {"model": ErrorOut, "description": "the server's disk is full: nothing can be stored until an "
+                                            "administrator frees space"},
+}
+
+
+def _health_problems(state: AppState) -> list[str]:
+    """What keeps the service from working, one line each (empty: healthy)."""
+    problems: list[str] = []
+    try:
+        with state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        problems.append(f"the database does not answer: {type(exc).__name__}")
+    problems.extend(_disk_problems(state.settings))
+    fault = getattr(state.controller, "fault", None)
+    if fault is not None:
+        problems.append(f"the study controller is stalled since {fault.since:%Y-%m-%d %H:%M:%S} UTC: "
+                        f"{fault.reason}")
+    return problems
+
+
+def _disk_problems(settings: Settings) -> list[str]:
+    """The data directory's free space and writability (never its path: /health is public)."""
+    from service.faults import free_bytes, write_probe
+
+    free = free_bytes(settings.data_dir)
+    if free is None:  # no data directory (an API-only replica on PostgreSQL): nothing to check
+        return []
+    if free < settings.min_free_bytes:
+        return [f"the data directory's disk has {free} bytes free, less than EVOMERGE_MIN_FREE_BYTES "
+                f"({settings.min_free_bytes}): free space there (old exports can go), or the studies stall"]
+    why = write_probe(settings.data_dir)
+    if why is not None:
+        return [f"the data directory (EVOMERGE_DATA_DIR) cannot be written: {why}"]
+    return []
 
 
 def _add_spec_schema(app: FastAPI) -> None:

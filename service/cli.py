@@ -361,10 +361,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from service.demo import run_demo
-    from service.settings import get_settings
+    from service.settings import SettingsError, get_settings
 
     try:
         data_dir = Path(args.data_dir) if args.data_dir else get_settings().data_dir
+        get_settings(data_dir=data_dir).check_data_dir("--data-dir" if args.data_dir else "EVOMERGE_DATA_DIR")
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         run_demo(data_dir=data_dir, trials=args.trials, seed=args.seed, serve=args.serve, port=args.port,
                  out=Path(args.out) if args.out else None)
     except (RuntimeError, OSError) as exc:
@@ -374,6 +379,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
+    from service.settings import SettingsError, get_settings
+
+    try:
+        get_settings(**({"database_url": args.database_url} if args.database_url else {})).check_data_dir()
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from service.controller import main as controller_main
 
     return controller_main(["--database-url", args.database_url] if args.database_url else [])
@@ -384,7 +396,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
-        settings = get_settings(**overrides).check()
+        settings = get_settings(**overrides).check().check_data_dir()
     except (SettingsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -453,7 +465,8 @@ def _add_client_commands(sub: Any) -> None:
     _client_options(p)
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("delete", help="delete a study that is not running, with its trials")
+    p = sub.add_parser("delete", help="delete a completed, failed or cancelled study, with its trials "
+                                         "(cancel it first)")
     p.add_argument("id")
     _client_options(p)
     p.set_defaults(func=_cmd_delete)

@@ -34,8 +34,10 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.controller_faults import FAULT_RETRY_S, WriteFaultRecovery
 from service.db import Baseline, Event, Study, StudyStatus, Trial, TrialState, utcnow
 from service.export_runner import ExportRunner
+from service.faults import write_fault
 from service.runtime import (
     MAX_ATTEMPTS,
     HeldoutRun,
@@ -53,7 +55,7 @@ ACTIVE = (StudyStatus.QUEUED, StudyStatus.RUNNING)
 SAVE_EVERY_S = 2.0  # elapsed time and leases are written at least this often
 
 
-class Controller:
+class Controller(WriteFaultRecovery):
     """Runs every active study; see the module docstring for the protocol."""
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], *,
@@ -66,12 +68,14 @@ class Controller:
         self.pools: dict[str, Any] = {}  # pool key -> workers.pool.WorkerPool
         self._owner: dict[int, str] = {}  # trial row id -> study id (trials in any pool)
         self._turn = 0  # round-robin start
-        self._resubmit: list[tuple[str, int, Any]] = []  # recovered trials: (study, trial row id, recipe)
+        # recovered trials to run again: (study, trial row id, recipe, attempt)
+        self._resubmit: list[tuple[str, int, Any, int]] = []
         self._storage: Any = None
         self.exports = ExportRunner(settings, session_factory)
         self._refs_checked: dict[str, float] = {}  # study -> when to look at its exports again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._init_fault_state()  # service.controller_faults
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -101,19 +105,17 @@ class Controller:
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
-            try:
-                busy = self.step()
-            except Exception:  # a database hiccup must not end the service's loop
-                log.exception("controller iteration failed; retrying")
-                busy = False
-            if not busy:
-                self._stop.wait(self.idle_sleep_s)
+            if not self.iterate():
+                self._stop.wait(FAULT_RETRY_S if self.fault is not None else self.idle_sleep_s)
 
     def step(self) -> bool:
         """One iteration; returns True when anything was (or is being) worked on."""
         self._sync_studies()
+        self._replay_held()
+        self._repair()
         dispatched = self._dispatch()
         collected = self._collect()
+        self._raise_held_fault()
         self._heldout_step()
         self._finish_ended()
         self._save_clocks()
@@ -165,6 +167,8 @@ class Controller:
             optimizer, uses_state = make_optimizer(validated, space, storage=storage,
                                                    study_name=optuna_name, state=state)
         except Exception as err:
+            if write_fault(err) is not None:
+                raise  # the database, not the study: stall (iterate), do not fail the study
             self._fail_study(study_id, f"the study cannot start: {err}")
             return
         wspec = worker_spec_data(validated, self.settings, paths=paths)
@@ -224,11 +228,14 @@ class Controller:
                     row.lease_expires_at = utcnow() + timedelta(seconds=self.settings.lease_seconds)
                     s.add(Event(study_id=rt.study_id, kind="trial_retried",
                                 data={"number": t.number, "attempt": row.attempts,
-                                      "why": "the controller stopped while it ran"}))
+                                      "why": "controller restarted",
+                                      "detail": "the controller stopped while the trial ran"}))
                 rt.in_flight[t.id] = t.number
-                self._resubmit.append((rt.study_id, t.id, t.recipe))
+                self._resubmit.append((rt.study_id, t.id, t.recipe, t.attempts + 1))
             else:
-                reason = f"the controller stopped {t.attempts} time(s) while this trial ran; given up"
+                reason = (f"controller restarted: the controller stopped while the trial ran, and it had "
+                          f"been dispatched {t.attempts} time(s), the most allowed ({MAX_ATTEMPTS}, "
+                          "docs/workers.md)")
                 self._record_failure(rt, t.id, reason)
 
     def _other_studies_models(self, study_id: str, stored: Any) -> dict[str, str] | None:
@@ -260,7 +267,7 @@ class Controller:
         used = {rt.pool_key for rt in self.runtimes.values()}
         for key in list(self.pools):
             pool = self.pools[key]
-            if key not in used and not pool.running:
+            if key not in used and not pool.busy():
                 pool.shutdown()
                 del self.pools[key]
 
@@ -314,8 +321,8 @@ class Controller:
             return None
         init_ray(self.settings.ray_address)
         spec = worker_spec_data(rt.validated, self.settings, paths=rt.paths)
-        pool = WorkerPool(WorkerSpec.model_validate(spec), n,
-                          self._resources())
+        pool = WorkerPool(WorkerSpec.model_validate(spec), n, self._resources(),
+                          max_attempts=MAX_ATTEMPTS, on_retry=self._on_retry)
         self.pools[rt.pool_key] = pool
         log.info("started %d worker(s) for study %s", n, rt.study_id)
         return pool
@@ -328,6 +335,8 @@ class Controller:
     def _wants(self, rt: StudyRuntime) -> bool:
         """May this study start one more trial now?"""
         if rt.paused or rt.heldout is not None or len(rt.in_flight) >= rt.parallelism:
+            return False
+        if rt.study_id in self._needs_repair:  # re-opened once its trials in flight are back
             return False
         return bool(rt.baselines) or not self._budget_spent(rt)
 
@@ -369,7 +378,7 @@ class Controller:
                     baseline_id, recipe = rt.baselines.pop(0)
                     rt.in_flight[-baseline_id] = -1
                     self._owner[-baseline_id] = rt.study_id
-                    pool.submit(-baseline_id, recipe)
+                    pool.submit(-baseline_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
                     sent += 1
                     progress = True
                     continue
@@ -381,7 +390,7 @@ class Controller:
     def _resubmit_recovered(self) -> int:
         sent = 0
         for item in list(self._resubmit):
-            study_id, trial_id, recipe = item
+            study_id, trial_id, recipe, attempt = item
             rt = self.runtimes.get(study_id)
             if rt is None:
                 self._resubmit.remove(item)
@@ -390,7 +399,7 @@ class Controller:
             if pool is None or not pool.idle():
                 continue
             self._resubmit.remove(item)
-            pool.submit(trial_id, recipe)
+            pool.submit(trial_id, recipe, attempt=attempt, timeout_s=rt.spec.trial_timeout_seconds)
             self._owner[trial_id] = study_id
             sent += 1
         return sent
@@ -427,7 +436,7 @@ class Controller:
             return True
         rt.in_flight[trial_id] = rt.next_number - 1
         self._owner[trial_id] = rt.study_id
-        pool.submit(trial_id, recipe)
+        pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
         return True
 
     def _finish_failed_unstarted(self, rt: StudyRuntime, trial_id: int, point_id: int, error: str) -> None:
@@ -440,12 +449,40 @@ class Controller:
     # ---- results -----------------------------------------------------------------------
     def _collect(self) -> int:
         n = 0
-        pools = [p for p in self.pools.values() if p.running]
+        pools = [p for p in self.pools.values() if p.busy()]
         for pool in pools:
             for result in pool.wait(timeout=self.poll_s / max(len(pools), 1)):
-                self._record(result)
+                self._record_or_hold(result)
                 n += 1
         return n
+
+    def _on_retry(self, notice: Any) -> bool:
+        """A pool is about to dispatch a trial again whose worker was lost (a
+        ``workers.pool.RetryNotice``): the new attempt count and a ``trial_retried`` event are
+        committed first, so that ``attempts`` always equals the trial's dispatches. False calls
+        the retry off: the trial's study was cancelled or dropped, or its row is finished. An
+        exception (the write failed) leaves the retry with the pool, which asks again."""
+        study_id = self._owner.get(notice.trial_id)
+        rt = self.runtimes.get(study_id) if study_id is not None else None
+        if rt is None or notice.trial_id not in rt.in_flight:
+            self._owner.pop(notice.trial_id, None)
+            return False
+        if notice.trial_id < 0:  # a baseline: no trial row, never counted
+            log.info("study %s: baseline %d dispatched again (%s)", rt.study_id, -notice.trial_id, notice.why)
+            return True
+        with self.sessions.begin() as s:
+            row = s.get(Trial, notice.trial_id)
+            running = row is not None and row.state == TrialState.RUNNING
+            if row is not None and running:
+                row.attempts = notice.attempt
+                row.lease_expires_at = utcnow() + timedelta(seconds=self.settings.lease_seconds)
+                s.add(Event(study_id=rt.study_id, kind="trial_retried",
+                            data={"number": row.number, "attempt": notice.attempt, "why": notice.why,
+                                  "detail": notice.detail}))
+        if not running:
+            self._owner.pop(notice.trial_id, None)
+            rt.in_flight.pop(notice.trial_id, None)
+        return running
 
     def _record(self, result: Any) -> None:
         """Commit one worker result, then tell the optimizer."""
@@ -590,6 +627,8 @@ class Controller:
         for rt in list(self.runtimes.values()):
             if rt.in_flight or rt.heldout is not None or rt.paused or rt.baselines:
                 continue
+            if rt.study_id in self._needs_repair:
+                continue
             if any(r[0] == rt.study_id for r in self._resubmit):
                 continue
             if not self._budget_spent(rt):
@@ -642,7 +681,7 @@ class Controller:
         still uses the same pool."""
         shared = any(o is not rt and o.pool_key == rt.pool_key for o in self.runtimes.values())
         pool = self.pools.get(rt.pool_key)
-        if pool is not None and not shared and not pool.running:
+        if pool is not None and not shared and not pool.busy():
             pool.shutdown()
             del self.pools[rt.pool_key]
 
@@ -654,7 +693,7 @@ class Controller:
             queue = run.queue
             while queue and run.pool.idle():
                 trial_id, recipe = queue.pop(0)
-                run.pool.submit(trial_id, recipe)
+                run.pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
             for result in run.pool.wait(timeout=self.poll_s):
                 number = run.pending.pop(result.trial_id, None)
                 if result.trial_id < 0:
@@ -741,11 +780,11 @@ def main(argv: list[str] | None = None) -> int:
     controller = Controller(settings, session_factory(make_engine(settings.database_url)))
     try:
         while True:
-            busy = controller.step()
+            busy = controller.iterate()
             if args.exit_when_idle and not controller.runtimes and not controller._owner:
                 return 0
             if not busy:
-                time.sleep(controller.idle_sleep_s)
+                time.sleep(FAULT_RETRY_S if controller.fault is not None else controller.idle_sleep_s)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from service.settings import Settings
     from service.spec import StudySpec
 
-# A trial is retried this many times after its controller died while it ran, then failed.
+# The most times a trial is dispatched to a worker, all causes together (its worker or node lost,
+# its deadline passed, the controller restarted): then it is failed with the reason. A trial's
+# `attempts` column counts its dispatches (docs/workers.md, "When a worker is lost").
 MAX_ATTEMPTS = 2
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     max_workers: int = Field(2, ge=1)
     lease_seconds: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1_000_000, gt=0)
+    min_free_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="/health reports degraded (503) when the data directory's disk "
+        "has less free space than this")
     export_budget_bytes: int | None = Field(
         None, ge=0, description="disk budget for exports under data_dir/exports; over it, least recently "
         "used exports that are not a study's best (nor being downloaded) are evicted. None: no limit")
@@ -133,6 +136,42 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the data directory (and its models folder); called at start-up, never at import."""
         (self.data_dir / "models").mkdir(parents=True, exist_ok=True)
+
+    def check_data_dir(self, setting: str = "EVOMERGE_DATA_DIR") -> Settings:
+        """Create the data directory if needed and check that it can be written (a small file is
+        written and deleted there), and the SQLite database's folder too; else a SettingsError in
+        one line: the path, why, and the setting to change. Returns self for chaining."""
+        from service.faults import write_probe
+
+        why: str | None
+        try:
+            self.ensure_dirs()
+            why = write_probe(self.data_dir)
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+        if why is not None:
+            raise SettingsError(
+                f"the data directory {self.data_dir} cannot be written ({why}): set {setting} to a writable "
+                "directory (it holds the SQLite database, the exports and the models folder)")
+        folder = self._sqlite_folder()
+        if folder is not None and folder.resolve() != self.data_dir.resolve():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                why = write_probe(folder)
+            except OSError as exc:
+                why = exc.strerror or type(exc).__name__
+            if why is not None:
+                raise SettingsError(f"the SQLite database's folder {folder} cannot be written ({why}): set "
+                                    "EVOMERGE_DATABASE_URL to a file in a writable folder")
+        return self
+
+    def _sqlite_folder(self) -> Path | None:
+        """The folder of the SQLite database file, None for PostgreSQL or an in-memory database."""
+        url = self.database_url
+        if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:") or "mode=" in url:
+            return None
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        return Path(path).expanduser().parent if path else None
 
     def hub_id_allowed(self, hub_id: str) -> bool:
         """True when ``hub_id`` matches one of ``hub_allowlist`` (case-sensitive fnmatch)."""

@@ -428,6 +428,12 @@ class StudySpec(BaseModel):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="how points are proposed")
     budget: Budget = Field(description="when the study stops")
     parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM, description="candidates scored at once")
+    trial_timeout_seconds: float | None = Field(
+        default=None, ge=1, le=7 * 24 * 3600.0,
+        description="a trial's deadline, from when its worker is ready: past it the worker is replaced and "
+        "the trial run again (an attempt); default: 5 × the longest completed trial, at least 60 s, and "
+        "3600 s until one completed; a new worker's first trial gets 600 s more (docs/workers.md)",
+    )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seeds the optimizer: the same spec and seed "
                       "give the same proposals")
     trust_remote_code: bool = Field(

@@ -291,8 +291,22 @@ def test_events_stream_live_until_the_study_ends(api, llama):
 def test_events_404_and_deleted_study_ends_the_stream(api, llama):
     assert api.get("/studies/nope/events").status_code == 404
     sid = submit(api, llama)["id"]
-    threading.Timer(0.3, lambda: api.delete(f"/studies/{sid}")).start()
+    assert api.post(f"/studies/{sid}/cancel").status_code == 200  # only a final study can be deleted
+    deleted = threading.Event()
+
+    def busy_then_delete():  # new events keep the (final) study's stream open until the delete
+        from service.db import Event
+
+        for _ in range(10):
+            with api.ctl.sessions.begin() as s:
+                s.add(Event(study_id=sid, kind="note", data={}))
+            time.sleep(0.03)
+        assert api.delete(f"/studies/{sid}").status_code == 204
+        deleted.set()
+
+    threading.Thread(target=busy_then_delete).start()
     lines = _sse_lines(api, sid)
+    assert deleted.wait(10)
     assert "event: end" in lines and '"deleted"' in lines[-1]
 
 

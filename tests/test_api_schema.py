@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.generation import GenerationMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from schemathesis.checks import not_a_server_error
@@ -96,3 +99,84 @@ def test_api_conforms_to_its_schema(live_app):
     assert len(seen) == len(operations)
     ok = {label for label, codes in seen.items() if any(200 <= c < 300 for c in codes)}
     assert {"GET /health", "GET /studies", "GET /studies/{study_id}"} <= ok, seen  # not only refusals
+
+
+# ---- deeper: negative data, and what an attacker sends -------------------------------------------
+DEEP = 100_000
+HOSTILE_BODIES: dict[str, bytes] = {
+    "nested 1000": b"[" * 1000 + b"]" * 1000,
+    "nested 100000 in a field": b'{"name": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+    "nested object": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    "huge integer": b'{"name": "x", "seed": ' + b"9" * 5000 + b"}",
+    "huge float": b'{"name": "x", "seed": 1e999999}',
+    "surrogate pair": b'{"name": "\\ud83e\\uddea"}',
+    "lone surrogate": b'{"name": "\\ud83e"}',
+    "NUL": b'{"name": "a\\u0000b"}',
+    "invalid UTF-8": b'{"name": "\xff\xfe"}',
+    "bidi and zero width": '{"name": "\u202e\u200b\ufeff x"}'.encode(),
+    "10 MB array": b"[" + b"0," * 5_000_000 + b"0]",
+    "yaml alias bomb": b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                       b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+                       b"d: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+}
+HOSTILE_HEADERS: dict[str, dict[str, Any]] = {
+    "range digits": {"Range": "bytes=" + "9" * 5000 + "-"},
+    "range suffix digits": {"Range": "bytes=-" + "9" * 5000},
+    "last event id digits": {"Last-Event-ID": "9" * 5000},
+    "if-range junk": {"If-Range": b"\xff" * 100, "Range": "bytes=0-1"},
+}
+HOSTILE_QUERIES: dict[str, dict[str, str]] = {
+    "huge offset": {"offset": "9" * 5000, "limit": "9" * 5000},
+    "unicode": {"name": "\U0001f9ea\u202e\u200b", "owner": "x" * 5000},
+    "negative": {"after": "-1", "offset": "-5"},
+}
+
+
+def test_api_survives_negative_and_hostile_inputs(live_app):
+    """Every operation gets schema-violating cases (schemathesis' negative mode) and a fixed set
+    of hostile bodies, headers and queries (deep nesting, huge integers, invalid and odd Unicode,
+    a 10 MB body, digits beyond Python's int limit): never a 5xx."""
+    headers = {"Authorization": f"Bearer {TOKEN['value']}"}
+    operations = [result.ok() for result in live_app.get_all_operations()]
+    operations.sort(key=lambda op: {"GET": 0, "POST": 1, "DELETE": 2}[op.method.upper()])
+    failures: list[str] = []
+    app = live_app.app
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for operation in operations:
+            label = operation.label
+
+            @given(case=operation.as_strategy(GenerationMode.NEGATIVE))
+            @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+                      phases=[Phase.generate], database=None)
+            def negative(case):
+                response = case.call(headers=headers)
+                assert response.status_code < 500, response.text[:500]
+
+            try:
+                negative()
+            except Unsatisfiable:
+                pass  # nothing of it can be made invalid (GET /health takes no input)
+            except Exception as exc:
+                failures.append(f"{label} (negative): {exc}")
+            params = {"study_id": EXAMPLE_ID, "number": "1", "export_id": "1", "name": "README.md"}
+            path = operation.path
+            for key, value in params.items():
+                path = path.replace(f"{{{key}}}", value)
+            method = operation.method.upper()
+            if method == "DELETE":
+                continue  # the example study must stay for the other operations
+            sends: list[tuple[str, dict[str, Any]]] = []
+            sends += [(f"header {n}", {"headers": {**headers, **h}}) for n, h in HOSTILE_HEADERS.items()]
+            sends += [(f"query {n}", {"headers": headers, "params": q}) for n, q in HOSTILE_QUERIES.items()]
+            if method == "POST":
+                for n, body in HOSTILE_BODIES.items():
+                    kind = "application/yaml" if "yaml" in n else "application/json"
+                    sends.append((f"body {n}",
+                                  {"headers": {**headers, "Content-Type": kind}, "content": body}))
+            for what, kwargs in sends:
+                if path.endswith("/events") and "header" not in what:
+                    continue  # a stream: its query is covered by the negative cases
+                response = client.request(method, path, **kwargs)
+                if response.status_code >= 500:
+                    failures.append(f"{label} {what}: {response.status_code} {response.text[:300]}")
+    assert not failures, "\n\n".join(failures)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from functools import cache
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -31,7 +31,8 @@ from service.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"api": REPO / "docker" / "api.Dockerfile", "worker": REPO / "docker" / "worker.Dockerfile"}
-SERVICES = {"postgres", "migrate", "api", "ray-head", "ray-worker"}
+SERVICES = {"postgres", "migrate", "ray-token", "api", "ray-head", "ray-worker"}
+RAY_NODES = ("ray-head", "api", "ray-worker")  # the services that run a Ray node
 # what each image can run: the programs it installs (console scripts of its packages) and its shell
 PROGRAMS = {
     "api": {"evomerge", "ray", "python", "sh"},
@@ -240,15 +241,17 @@ def test_health_checks_and_start_order():
         return {k: v["condition"] for k, v in s[name]["depends_on"].items()}
 
     assert depends("migrate") == {"postgres": "service_healthy"}
+    assert depends("ray-head") == {"ray-token": "service_completed_successfully"}
     assert depends("api") == {"postgres": "service_healthy", "migrate": "service_completed_successfully",
-                              "ray-head": "service_healthy"}
-    assert depends("ray-worker") == {"ray-head": "service_healthy"}
+                              "ray-token": "service_completed_successfully", "ray-head": "service_healthy"}
+    assert depends("ray-worker") == {"ray-token": "service_completed_successfully",
+                                     "ray-head": "service_healthy"}
     for name in s:  # every service waited on for its health has a health check
         for dep, condition in (s[name].get("depends_on") or {}).items():
             if condition.get("condition") == "service_healthy":
                 assert s[dep].get("healthcheck"), f"{name} waits for {dep}'s health, which is never checked"
-    # the migration runs once and is not restarted
-    assert s["migrate"]["restart"] == "no"
+    # the migration and the token run once and are not restarted
+    assert s["migrate"]["restart"] == "no" and s["ray-token"]["restart"] == "no"
     assert as_argv(s["migrate"]["command"]) == ["evomerge", "migrate"]
 
 
@@ -330,14 +333,59 @@ def test_the_ray_head_address_is_the_same_everywhere():
     assert [c[:2] for c in service_commands("api", api)][:2] == [["ray", "start"], ["evomerge", "serve"]]
 
 
-def test_every_ray_node_shares_ray_auth():
-    """Ray's token auth is all or nothing: the head, the API (a node) and the workers get the
-    same RAY_AUTH_MODE and RAY_AUTH_TOKEN, off by default and on with both set in .env."""
-    for env, mode in (({}, "disabled"), ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t0k"}, "token")):
+def ray_token_script() -> str:
+    argv = as_argv(services()["ray-token"]["command"])
+    assert argv[:2] == ["python", "-c"], argv
+    return argv[2]
+
+
+def test_ray_token_auth_is_on_and_every_ray_node_shares_one_token():
+    """Ray's token auth is on in the deployment, whatever .env says, and every Ray node (head, API,
+    workers) reads the one token file that the one-shot ray-token service generated, from the same
+    volume; the token itself is never in the compose file or in .env."""
+    for env in ({}, {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "t0k"}):
         s = _interpolate_all(compose_raw(), env)["services"]
-        values = {(environment(s[n])["RAY_AUTH_MODE"], environment(s[n])["RAY_AUTH_TOKEN"])
-                  for n in ("ray-head", "api", "ray-worker")}
-        assert values == {(mode, env.get("RAY_AUTH_TOKEN", ""))}
+        for name in (*RAY_NODES, "ray-token"):
+            values = environment(s[name])
+            assert values.get("RAY_AUTH_MODE") == "token", (name, env)
+            assert "RAY_AUTH_TOKEN" not in values, name
+    (path,) = {environment(services()[n])["RAY_AUTH_TOKEN_PATH"] for n in (*RAY_NODES, "ray-token")}
+    folder = str(PurePosixPath(path).parent)
+    assert "ray-auth" in compose()["volumes"]
+    assert mounts(services()["ray-token"])[folder] == ("ray-auth", False)
+    for name in RAY_NODES:
+        assert mounts(services()[name])[folder] == ("ray-auth", True), f"{name} reads the token, read-only"
+        condition = services()[name]["depends_on"]["ray-token"]["condition"]
+        assert condition == "service_completed_successfully", name
+    # every service that runs Ray (a `ray` command, or `evomerge serve`: a Ray driver) is one of them
+    for name, service in services().items():
+        commands = service_commands(name, service)
+        runs_ray = any(c[0] == "ray" or c[:2] == ["evomerge", "serve"] for c in commands)
+        assert runs_ray == (name in RAY_NODES), name
+    # the one-shot runs as the image's user, who owns the volume's mount point (a new named volume
+    # takes it from the image), and the Ray nodes of both images run as that user
+    runs = " ".join(rest for instr, rest in dockerfile_instructions(DOCKERFILES["api"]) if instr == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{folder}\b", runs)
+    assert re.search(rf"chown evomerge:evomerge [^&]*{folder}\b", runs)
+    for path_ in DOCKERFILES.values():
+        users = [rest for instr, rest in dockerfile_instructions(path_) if instr == "USER"]
+        assert users == ["evomerge"], path_
+
+
+def test_the_ray_token_is_generated_once_and_never_printed(tmp_path):
+    token_path = tmp_path / "token"
+    env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    command = [sys.executable, "-c", ray_token_script()]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    token = token_path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token), "256 random bits, in hex"
+    assert token_path.stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert token_path.read_text() == token, "a restart keeps the token"
+    assert token not in first.stdout + first.stderr + again.stdout + again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["token"]
 
 
 # ---- settings ---------------------------------------------------------------------------------

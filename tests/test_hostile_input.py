@@ -218,7 +218,8 @@ def test_a_corrupt_header_is_described_without_its_bytes(server, model_root):
      ("evaluation", "batch_size")),
     ({"seed": 2**40}, ("seed",)),
     ({"optimizer": {"name": "cma", "options": {"incpopsize": 1e6}}}, ("optimizer",)),
-    ({"space": {"kind": "parameter", "method": "ties", "weight_range": [0, 1e300]}}, ("space",)),
+    ({"space": {"kind": "parameter", "method": "ties", "weight_range": [0, 1e300]}},
+     ("space", "weight_range", 1)),
     ({"space": {"kind": "stacking", "repeats": 10**6}}, ("space", "repeats")),
     ({"parallelism": 10**6}, ("parallelism",)),
 ])

@@ -96,24 +96,37 @@ def test_killed_actor_is_replaced_and_its_trial_retried(family, ray_local):
 
 def test_trial_that_kills_its_worker_twice_is_failed_with_the_reason(family, ray_local):
     base, experts = family("llama")
-    pool = WorkerPool(noop_spec(base, experts, delay=3.0), n=1)
-    try:
-        pool.submit(9, ta_recipe(base, experts, 0.4))
-        results = []
-        for _ in range(2):
-            time.sleep(0.5)
-            deadline = time.time() + 60
-            while True:  # wait until the (new) actor is up, then kill it mid-trial
-                try:
-                    pid = pool.pids()[0]
-                    break
-                except Exception as err:
-                    assert time.time() < deadline, repr(err)
+    notices = []
+    pool = WorkerPool(noop_spec(base, experts, delay=3.0), n=1, on_retry=notices.append)
+    killed: list[int] = []
+
+    def kill_each_new_actor_mid_trial() -> None:  # twice: the first run and its retry
+        deadline = time.time() + 120
+        while len(killed) < 2 and time.time() < deadline:
+            try:
+                pid = pool.pids()[0]
+            except Exception:  # the actor was just killed: its replacement is starting
+                continue
+            if pid in killed:
+                time.sleep(0.1)
+                continue
             time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
-            results += pool.wait()
+            killed.append(pid)
+
+    try:
+        pool.submit(9, ta_recipe(base, experts, 0.4))
+        killer = threading.Thread(target=kill_each_new_actor_mid_trial, daemon=True)
+        killer.start()
+        results = []
+        while not results:
+            results = pool.wait()
+        killer.join(10)
         (result,) = results
-        assert result.state == "failed" and "died 2 times" in result.error
+        assert len(killed) == 2
+        assert result.state == "failed" and result.attempts == 2
+        assert "worker died" in result.error and "dispatched 2 time(s), the most allowed" in result.error
+        assert [(n.trial_id, n.attempt, n.why) for n in notices] == [(9, 2, "worker died")]
     finally:
         pool.shutdown()
 

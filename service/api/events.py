@@ -24,12 +24,13 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import READ, AppState, app_state
 from service.api.schemas import ErrorOut, StudyOut
-from service.api.studies import StudyId
+from service.api.studies import StudyId, study_out
 from service.db.models import Event, Study
 
 router = APIRouter(prefix="/studies", tags=["events"])
 BATCH = 500
 END_GRACE_POLLS = 4
+MAX_ID_DIGITS = 18  # event ids are 64-bit; a longer Last-Event-ID is not one of ours
 #: One event of the stream (OpenAPI 3.1: the schema of a text/event-stream describes each event).
 SSE_EVENT = {
     "type": "object", "required": ["data"],
@@ -51,13 +52,13 @@ def _poll(state: AppState, study_id: str, after: int) -> tuple[StudyOut | None, 
         events = list(session.scalars(
             select(Event).where(Event.study_id == study_id, Event.id > after)
             .order_by(Event.id).limit(BATCH)))
-        return (StudyOut.of(study) if study is not None else None), events
+        return (study_out(state, study) if study is not None else None), events
 
 
 def _progress(study: StudyOut) -> dict[str, Any]:
     return study.model_dump(mode="json", include={
         "id", "status", "trials_done", "trials_failed", "max_trials", "max_seconds", "elapsed_seconds",
-        "best_trial_number", "best_value", "error"})
+        "best_trial_number", "best_value", "error", "status_reason"})
 
 
 async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
@@ -93,6 +94,15 @@ async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[Se
         await asyncio.sleep(state.poll_seconds)
 
 
+def _event_id(header: str | None) -> int:
+    """A ``Last-Event-ID`` as an event id; 0 (from the start) for anything that is not one:
+    not ASCII digits, or more digits than any id has (a browser resends what it was given)."""
+    text = (header or "").strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_ID_DIGITS:
+        return 0
+    return int(text)
+
+
 @router.get(
     "/{study_id}/events", summary="Follow a study's events (server-sent events)",
     response_class=EventSourceResponse,
@@ -110,9 +120,7 @@ async def study_events(
     last_event_id: Union[str, None] = Header(None, include_in_schema=False),
 ) -> EventSourceResponse:
     """Events from the start (or after `Last-Event-ID` / `?after=`), then live until the study ends."""
-    start = after or 0
-    if last_event_id and last_event_id.strip().isdigit():
-        start = max(start, int(last_event_id.strip()))
+    start = max(after or 0, _event_id(last_event_id))
     study, _events = await run_in_threadpool(_poll, state, study_id, 2**62)
     if study is None:
         raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")

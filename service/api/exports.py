@@ -19,12 +19,13 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Re
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import DOWNLOAD, READ, AppState, app_state
 from service.api.ranges import parse_range, range_applies
 from service.api.schemas import ErrorOut, submitted_spec
-from service.api.studies import StudyId, _get_study
+from service.api.studies import StudyId, _get_study, refuse_if_unwritable
 from service.archive import plan_archive
 from service.db.models import Artifact, ArtifactState, Event, Study, Trial, TrialState
 from service.db.types import utcnow
@@ -113,32 +114,38 @@ def _pick_trial(session: Session, study: Study, number: int | None) -> Trial:
              summary="Export a trial's merged model",
              responses={200: {"model": ExportOut, "description": "this trial's export already exists"},
                         **_E401, **_E403, **_E404,
-                        409: {"model": ErrorOut, "description": "no complete trial to export (yet)"}})
+                        409: {"model": ErrorOut, "description": "no complete trial to export (yet)"},
+                        507: {"model": ErrorOut, "description": "the server's disk is full"}})
 def create_export(study_id: StudyId, response: Response, body: Union[ExportRequest, None] = None,
                   state: AppState = Depends(app_state), who: str = DOWNLOAD) -> ExportOut:
     """Start exporting a trial (default: the best) to a Hugging Face folder; a worker builds it.
     Asking again for the same trial returns the existing export (unless it failed or was evicted)."""
     body = body or ExportRequest()
-    with state.sessions.begin() as session:
-        study = _get_study(session, study_id)
-        trial = _pick_trial(session, study, body.trial)
-        existing = session.scalar(select(Artifact).where(
-            Artifact.study_id == study_id, Artifact.trial_number == trial.number,
-            Artifact.kind == EXPORT_KIND,
-            Artifact.state.in_([ArtifactState.PENDING, ArtifactState.RUNNING, ArtifactState.READY]))
-            .order_by(Artifact.id.desc()).limit(1))
-        if existing is not None:
-            response.status_code = 200
-            return ExportOut.of(existing, _manifest(existing))
-        row = Artifact(study_id=study_id, trial_number=trial.number, kind=EXPORT_KIND, path="",
-                       state=ArtifactState.PENDING, progress=0.0, requested_by=who)
-        session.add(row)
-        session.flush()
-        session.add(Event(study_id=study_id, kind="export_requested",
-                          data={"export": row.id, "trial": trial.number, "by": who}))
-        session.flush()
-        session.refresh(row)
-        return ExportOut.of(row)
+    try:
+        with state.sessions.begin() as session:
+            study = _get_study(session, study_id)
+            trial = _pick_trial(session, study, body.trial)
+            existing = session.scalar(select(Artifact).where(
+                Artifact.study_id == study_id, Artifact.trial_number == trial.number,
+                Artifact.kind == EXPORT_KIND,
+                Artifact.state.in_([ArtifactState.PENDING, ArtifactState.RUNNING, ArtifactState.READY]))
+                .order_by(Artifact.id.desc()).limit(1))
+            if existing is not None:
+                response.status_code = 200
+                return ExportOut.of(existing, _manifest(existing))
+            refuse_if_unwritable(state, "start an export")
+            row = Artifact(study_id=study_id, trial_number=trial.number, kind=EXPORT_KIND, path="",
+                           state=ArtifactState.PENDING, progress=0.0, requested_by=who)
+            session.add(row)
+            session.flush()
+            session.add(Event(study_id=study_id, kind="export_requested",
+                              data={"export": row.id, "trial": trial.number, "by": who}))
+            session.flush()
+            session.refresh(row)
+            return ExportOut.of(row)
+    except IntegrityError:  # the study was deleted between the read and the insert
+        raise HTTPException(404, f"no study {study_id!r}: it was deleted while the export was requested "
+                                 "(GET /studies lists them)") from None
 
 
 @router.get("/{study_id}/exports", response_model=list[ExportOut], summary="A study's exports",

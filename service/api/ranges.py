@@ -7,14 +7,23 @@ import re
 
 from fastapi import HTTPException
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.ASCII)
+#: No file is this large: a position with more digits is read as "beyond the end" (never
+#: converted: Python refuses int() of more than 4300 digits).
+MAX_DIGITS = 18
+BEYOND = 10**MAX_DIGITS
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= MAX_DIGITS else BEYOND
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (end exclusive) for a ``Range`` header, None for the whole body.
 
-    Raises a 416 for a range that starts past the end. Syntactically invalid or
-    multi-range headers are ignored (the whole body is sent), as RFC 9110 allows.
+    Raises a 416 for a range that starts past the end (however many digits it has).
+    Syntactically invalid or multi-range headers are ignored (the whole body is sent), as
+    RFC 9110 allows.
     """
     if not header:
         return None
@@ -25,12 +34,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if first == "" and last == "":
         return None
     if first == "":  # a suffix: the last N bytes
-        n = int(last)
+        n = _position(last)
         if n == 0:
             raise _unsatisfiable(size)
         return max(size - n, 0), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
+    start = _position(first)
+    end = size if last == "" else min(_position(last) + 1, size)
     if start >= size or end <= start:
         raise _unsatisfiable(size)
     return start, end

@@ -39,6 +39,20 @@ class HealthOut(BaseModel):
     auth: bool = Field(description="whether requests need a bearer token")
 
 
+class HealthDegradedOut(BaseModel):
+    """The service answers but cannot do its work (503): every problem, one line each."""
+
+    status: Literal["degraded"] = "degraded"
+    detail: str = Field(description="the problems, joined",
+                        examples=["the study controller is stalled since 2026-01-01 12:00:00 UTC: the disk "
+                                  "holding the SQLite database is full (OperationalError): free space …"])
+    problems: list[str] = Field(default_factory=list, description="what is wrong and what to do, one line "
+                                "each (empty while the service is starting up)")
+    version: Union[str, None] = Field(None, examples=["0.1.0"])
+    database: Union[str, None] = Field(None, examples=["sqlite", "postgresql"])
+    auth: Union[bool, None] = None
+
+
 def submitted_spec(study: Study) -> dict[str, Any]:
     """The spec as submitted (the API stores ``{"spec": ..., "warnings": ...}``)."""
     stored = study.spec if isinstance(study.spec, dict) else {}
@@ -66,6 +80,9 @@ class StudyOut(BaseModel):
     multi_objective: bool = Field(
         False, description="its best is a Pareto front (GET /studies/{id}/front), not one trial")
     error: Union[str, None] = Field(description="why the study failed")
+    status_reason: Union[str, None] = Field(
+        None, description="why an unfinished study does not progress now (e.g. the controller is stalled "
+                          "on a full disk), and what to do; None while all is well")
     warnings: list[str] = Field(default_factory=list, description="accepted at submission, but worth a look")
     spec: dict[str, Any] = Field(description="the study spec as submitted (docs/study-spec.md)")
 

@@ -8,11 +8,12 @@ racing the controller can never move a study along an invalid transition.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.api.deps import READ, WRITE, AppState, app_state
@@ -70,6 +71,38 @@ def _get_study(session: Session, study_id: str) -> Study:
     if study is None:
         raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
     return study
+
+
+def status_reason(state: AppState, study_id: str) -> str | None:
+    """Why an unfinished study does not progress now: what the study controller running in this
+    process knows (a write fault it is stalled on, a repair in progress); None otherwise."""
+    reason = getattr(state.controller, "status_reason", None)
+    return reason(study_id) if callable(reason) else None
+
+
+def study_out(state: AppState, study: Study) -> StudyOut:
+    """``StudyOut.of(study)`` with its ``status_reason`` (queued and running studies only)."""
+    out = StudyOut.of(study)
+    if out.status in (StudyStatus.QUEUED, StudyStatus.RUNNING):
+        out.status_reason = status_reason(state, study.id)
+    return out
+
+
+def refuse_if_unwritable(state: AppState, what: str) -> None:
+    """507 / 503 before any work when nothing could be stored: the controller is stalled on a write
+    fault, or the data directory's disk has less than EVOMERGE_MIN_FREE_BYTES free."""
+    from service.faults import free_bytes
+
+    fault = getattr(state.controller, "fault", None)
+    if fault is not None:
+        raise HTTPException(fault.status_code, f"cannot {what} now: {fault.reason}",
+                            headers={"Retry-After": "30"})
+    free = free_bytes(state.settings.data_dir)
+    if free is not None and free < state.settings.min_free_bytes:
+        raise HTTPException(507, f"cannot {what} now: the server's data disk has {free} bytes free, less "
+                                 f"than EVOMERGE_MIN_FREE_BYTES ({state.settings.min_free_bytes}); an "
+                                 "administrator must free space first (old exports can go)",
+                            headers={"Retry-After": "30"})
 
 
 # ---- submit ------------------------------------------------------------------------------
@@ -130,6 +163,7 @@ def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
     "", status_code=201, response_model=StudyOut, summary="Submit a study",
     responses={413: {"model": ErrorOut, "description": "the body exceeds EVOMERGE_MAX_BODY_BYTES"},
                415: {"model": ErrorOut, "description": "the body is neither JSON nor YAML"},
+               507: {"model": ErrorOut, "description": "the server's disk is full: nothing can be stored"},
                422: {"model": ProblemsOut, "description": "the spec cannot run: every problem, with its fix"},
                **_E401},
     openapi_extra={"requestBody": {"required": True, "content": {
@@ -149,6 +183,7 @@ async def submit_study(request: Request, state: AppState = Depends(app_state),
         raise HTTPException(415, f"a study spec is sent as JSON (application/json) or YAML "
                                  f"(application/yaml), not {kind!r}")
     body = await _read_body(request, state.settings.max_body_bytes)
+    refuse_if_unwritable(state, "accept a study")
     return await run_in_threadpool(_create, state, body, owner)
 
 
@@ -175,13 +210,14 @@ def list_studies(
     with state.sessions() as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id).limit(limit).offset(offset))
-        return Page[StudyOut](items=[StudyOut.of(s) for s in rows], total=total, limit=limit, offset=offset)
+        return Page[StudyOut](items=[study_out(state, s) for s in rows], total=total, limit=limit,
+                              offset=offset)
 
 
 @router.get("/{study_id}", response_model=StudyOut, summary="One study", responses={**_E401, **_E404})
 def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ) -> StudyOut:
     with state.sessions() as session:
-        return StudyOut.of(_get_study(session, study_id))
+        return study_out(state, _get_study(session, study_id))
 
 
 TrialSort = Literal["number", "-number", "fitness", "-fitness", "finished_at", "-finished_at"]
@@ -315,10 +351,12 @@ def _transition(state: AppState, study_id: str, action: str, who: str) -> StudyO
             update(Study).where(Study.id == study_id, Study.status.in_(sources))
             .values(status=target, updated_at=utcnow()).execution_options(synchronize_session=False)
         ).rowcount
-        if not changed:
-            session.refresh(study)
+        if not changed:  # read again, never refresh: a racing DELETE may have removed the row
+            now = session.scalar(select(Study.status).where(Study.id == study_id))
+            if now is None:
+                raise HTTPException(404, f"no study {study_id!r}: it was deleted just now")
             allowed = " or ".join(s.value for s in sources)
-            raise HTTPException(409, f"cannot {action} study {study_id!r}: it is {study.status.value} "
+            raise HTTPException(409, f"cannot {action} study {study_id!r}: it is {now.value} "
                                      f"(only a {allowed} study can be {action}d)")
         session.add(Event(study_id=study_id, kind=kind, data={"status": target.value, "from": before.value,
                                                                 "by": who}))
@@ -345,16 +383,61 @@ _action_route("cancel", "Cancel a study",
               "Queued, running or paused → cancelled (final). Trials so far stay.")
 
 
+FINAL = (StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED)
+DELETE_WAIT_S = 5.0  # how long a delete waits for the controller to stop a cancelled study's trials
+DELETE_POLL_S = 0.2
+
+
 @router.delete("/{study_id}", status_code=204, summary="Delete a study",
-               responses={**_E401, **_E404, 409: {"model": ErrorOut, "description": "the study is running"}})
+               responses={**_E401, **_E404, 409: {
+                   "model": ErrorOut, "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                                 "description": "seconds"}},
+                   "description": "the study is not final (cancel it first), or trials of it are still "
+                                  "running on workers (try again after Retry-After)"}})
 def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = WRITE) -> None:
-    """Delete a study that is not running, with its trials, events and artifact records."""
+    """Delete a completed, failed or cancelled study, with its trials, events and artifact records.
+
+    A study whose trials still run on workers (the controller has not stopped them yet, just
+    after a cancel) is deleted once they stop: the request waits up to a few seconds, then
+    answers 409 with ``Retry-After``. A running trial whose lease expired (its controller is
+    gone) does not hold the delete back."""
+    deadline = time.monotonic() + DELETE_WAIT_S
+    while True:
+        running = _delete_if_idle(state, study_id)
+        if running == 0:
+            return
+        if time.monotonic() >= deadline:
+            raise HTTPException(409, f"study {study_id!r} still has {running} trial(s) running on workers; "
+                                     "the controller stops them within seconds of a cancel: try again in a "
+                                     "moment (a trial whose controller is gone stops holding the delete "
+                                     "once its lease, EVOMERGE_LEASE_SECONDS, expires)",
+                                headers={"Retry-After": "5"})
+        time.sleep(DELETE_POLL_S)
+
+
+def _delete_if_idle(state: AppState, study_id: str) -> int:
+    """Delete the study if it is final and none of its trials runs: 0; else how many run.
+    One conditional DELETE after locking the study's row (PostgreSQL: no trial of it can be
+    inserted meanwhile; SQLite: the statement is atomic)."""
     with state.sessions.begin() as session:
-        study = _get_study(session, study_id)
+        status = session.scalar(select(Study.status).where(Study.id == study_id).with_for_update())
+        if status is None:
+            raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
+        if status not in FINAL:
+            raise HTTPException(409, f"study {study_id!r} is {status.value}: cancel it first "
+                                     f"(POST /studies/{study_id}/cancel), then delete it")
+        busy = _running_trials(study_id)
         gone = session.execute(
-            delete(Study).where(Study.id == study_id, Study.status != StudyStatus.RUNNING)
+            delete(Study).where(Study.id == study_id, Study.status.in_(FINAL), ~busy.exists())
             .execution_options(synchronize_session=False)
         ).rowcount
-        if not gone:
-            raise HTTPException(409, f"study {study_id!r} is {study.status.value}: cancel it first "
-                                     f"(POST /studies/{study_id}/cancel), then delete it")
+        if gone:
+            return 0
+        return int(session.scalar(select(func.count()).select_from(busy.subquery())) or 0) or 1
+
+
+def _running_trials(study_id: str) -> Any:
+    """The study's trials that still run on a worker (a live lease: a NULL lease counts as live)."""
+    return select(Trial.id).where(
+        Trial.study_id == study_id, Trial.state == TrialState.RUNNING,
+        or_(Trial.lease_expires_at.is_(None), Trial.lease_expires_at > utcnow()))

@@ -107,7 +107,9 @@ async function health() {
       : h("span", { class: "warn-text", title: "anyone who reaches this server can use it (loopback only)" }, "auth off"));
     if (hz.auth && !token.get()) askForToken("");
   } catch (err) {
-    fill(info, h("span", { class: "error-text" }, "the service does not answer"));
+    const degraded = err && err.status === 503 && err.detail;
+    fill(info, h("span", { class: "error-text", title: degraded ? String(err.detail) : "" },
+      degraded ? `degraded: ${err.detail}` : "the service does not answer"));
   }
 }
 

@@ -127,6 +127,7 @@ export function mountStudy(root, params, nav) {
     ]));
     fill(ui.notes,
       s.error ? h("div", { class: "error-box", id: "study-error" }, h("strong", {}, "The study failed: "), s.error) : null,
+      s.status_reason ? h("div", { class: "warn-box", id: "study-status-reason", role: "status" }, h("strong", {}, "Not progressing: "), s.status_reason) : null,
       (s.warnings || []).length ? h("div", { class: "warn-box" }, h("strong", {}, "Warnings"), h("ul", {}, s.warnings.map((w) => h("li", {}, w)))) : null);
     ui.title.textContent = s.name;
     document.title = `${s.name} · evomerge`;
