@@ -89,7 +89,7 @@ def events(sessions, study_id: str, kind: str) -> list[Event]:
                               .order_by(Event.id)))
 
 
-def step_until(controller: Controller, done: Callable[[], bool], timeout: float = 60.0) -> None:
+def step_until(controller: Controller, done: Callable[[], bool], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, "timed out waiting for the controller"

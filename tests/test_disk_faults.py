@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from service.db import Event, Trial, TrialState, make_engine, optuna_storage, session_factory
 from tests.api_fixtures import LiveServer
+from tests.test_controller import spec
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 14
@@ -67,19 +68,7 @@ def fill(folder: Path) -> Path:
 
 
 def _spec(llama: tuple[Path, list[Path]]) -> dict[str, Any]:
-    base, (e0, e1) = llama
-    return {
-        "name": "disk full",
-        "sources": [str(e0), str(e1)],
-        "base_model": str(base),
-        "space": {"kind": "parameter", "method": "task_arithmetic", "granularity": 2},
-        "evaluation": {"evaluator": "noop", "objectives": [{"task": "fingerprint", "metric": "mean"}],
-                       "options": {"delay_s": DELAY_S}},
-        "optimizer": {"name": "optuna-cmaes", "population_size": 4},
-        "budget": {"max_trials": BUDGET},
-        "parallelism": 2,
-        "seed": 0,
-    }
+    return spec(llama, trials=BUDGET, delay=DELAY_S, name="disk full")
 
 
 def _wait(what: str, check: Any, timeout: float, tail: Any = None) -> Any:

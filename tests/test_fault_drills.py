@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +27,17 @@ import pytest
 from sqlalchemy import select
 
 from service.controller import Controller
-from service.db import Event, Study, StudyStatus, Trial, TrialState, make_engine, session_factory, upgrade
+from service.db import Event, StudyStatus, Trial, TrialState
 from service.runtime import MAX_ATTEMPTS
-from service.settings import get_settings
+from tests.test_controller import add_study, db, llama, settings, spec, step_until, study_row, trials
 from workers.pool import WorkerPool
+
+__all__ = ["db", "llama", "settings"]  # fixtures, shared with test_controller
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama(family):
-    return family("llama")
-
-
-@pytest.fixture
-def db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'evomerge.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield url, session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def settings(db, tmp_path, model_root):
-    return get_settings(data_dir=tmp_path, database_url=db[0], model_roots=[model_root], max_workers=2,
-                        lease_seconds=60)
-
-
 @pytest.fixture
 def dispatches(monkeypatch) -> Counter:
     """trial id -> how many times a pool of this process sent it to an actor."""
@@ -72,34 +53,9 @@ def dispatches(monkeypatch) -> Counter:
 
 
 def study_spec(llama, *, trials: int, delay: float, parallelism: int = 1, **changes: Any) -> dict[str, Any]:
-    base, (e0, e1) = llama
-    data = {
-        "name": "fault drill",
-        "sources": [str(e0), str(e1)],
-        "base_model": str(base),
-        "space": {"kind": "parameter", "method": "task_arithmetic", "granularity": 2},
-        "evaluation": {"evaluator": "noop", "objectives": [{"task": "fingerprint", "metric": "mean"}],
-                       "options": {"delay_s": delay}},
-        "optimizer": {"name": "random"},
-        "budget": {"max_trials": trials},
-        "parallelism": parallelism,
-        "seed": 0,
-    }
-    data.update(changes)
-    return data
-
-
-def add_study(sessions, data: dict[str, Any]) -> str:
-    with sessions.begin() as s:
-        study = Study(name=data["name"], spec=data)
-        s.add(study)
-        s.flush()
-        return study.id
-
-
-def study_row(sessions, study_id: str) -> Study:
-    with sessions() as s:
-        return s.get(Study, study_id)
+    """test_controller's study, with the random optimizer (no generations to wait for)."""
+    return spec(llama, trials=trials, delay=delay, optimizer="random", parallelism=parallelism,
+                **{"name": "fault drill", **changes})
 
 
 def ended(sessions, study_id: str) -> bool:
@@ -111,24 +67,11 @@ def ended(sessions, study_id: str) -> bool:
     return True
 
 
-def trials(sessions, study_id: str) -> list[Trial]:
-    with sessions() as s:
-        return list(s.scalars(select(Trial).where(Trial.study_id == study_id).order_by(Trial.number)))
-
-
 def retried_events(sessions, study_id: str) -> list[dict[str, Any]]:
     with sessions() as s:
         return [e.data for e in s.scalars(select(Event).where(Event.study_id == study_id,
                                                                Event.kind == "trial_retried")
                                           .order_by(Event.id))]
-
-
-def step_until(controller: Controller, done: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "timed out waiting for the controller"
-        if not controller.step():
-            time.sleep(0.05)
 
 
 def running_trial(controller: Controller, number: int) -> tuple[Any, Any] | None:
