@@ -246,13 +246,19 @@ def _shard_names(index: Path, ref: str) -> list[str]:
     return names
 
 
+def inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Is ``path`` one of ``roots`` or under one (all real paths)? The one containment test of
+    the service: models, their files and task folders."""
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
 def _check_contained(path: Path, folder: Path, ref: str, allowed: Sequence[Path] | None) -> None:
     """Refuse a file of the folder that resolves (symlinks followed) outside ``allowed`` (the
     folder itself when None), before it is opened. Worded the same whether or not the
     target exists."""
     real = Path(os.path.realpath(path))
-    inside = [Path(os.path.realpath(folder))] if allowed is None else list(allowed)
-    if not any(real == r or real.is_relative_to(r) for r in inside):
+    allowed_real = [Path(os.path.realpath(folder))] if allowed is None else list(allowed)
+    if not inside(real, allowed_real):
         raise ModelFormatError(
             f"model {ref!r}: {path.name} leads outside the "
             f"{'model folder' if allowed is None else 'allowed roots'}",

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from service.model_headers import inside
 from service.spec_limits import MAX_TASK_DIR_ENTRIES, MAX_TASK_FILE_BYTES
 
 
@@ -29,10 +30,6 @@ class TaskDirRefusal(Exception):
     def __init__(self, msg: str, fix: str, kind: str) -> None:
         super().__init__(msg)
         self.msg, self.fix, self.kind = msg, fix, kind
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == r or path.is_relative_to(r) for r in roots)
 
 
 def _entries(folder: Path) -> Iterator[tuple[Path, Path]]:
@@ -120,7 +117,7 @@ def audit_task_dir(folder: Path, roots: Sequence[Path]) -> None:
                 "point task_dirs at the folder of the task YAML files, not at a whole tree",
                 "task_dir_too_large")
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path.name
-        if not _inside(real, roots):
+        if not inside(real, roots):
             raise TaskDirRefusal(
                 f"task directory {str(shown)!r}: {rel} leads outside the allowed roots",
                 "replace the link with the file itself, inside the roots", "path_outside_roots")
@@ -153,7 +150,7 @@ def _audit_yaml(real: Path, rel: Any, shown: Path, roots: Sequence[Path], seen: 
         return
     for what, target in _named_files(config, loader.functions, real.parent):
         target_real = Path(os.path.realpath(target))
-        if not _inside(target_real, roots):
+        if not inside(target_real, roots):
             raise TaskDirRefusal(
                 f"task directory {str(shown)!r}: {rel} names a file outside the allowed roots ({what})",
                 "keep every file a task includes, imports or reads inside the roots",

@@ -32,7 +32,13 @@ from search_spaces.base import RecipeNotInSpace, SearchSpace
 from search_spaces.optimizers.base import OptimizerSpec
 from search_spaces.recipe import Recipe
 from search_spaces.sources import StudyRef
-from service.model_headers import ModelFormatError, ModelHeaders, read_hub_model, read_model_folder
+from service.model_headers import (
+    ModelFormatError,
+    ModelHeaders,
+    inside,
+    read_hub_model,
+    read_model_folder,
+)
 from service.spec import (
     DERIVED_FIELDS,
     Problem,
@@ -124,10 +130,6 @@ def _real_roots(roots: Sequence[Union[str, Path]]) -> list[Path]:
     return [Path(os.path.realpath(r)) for r in roots]
 
 
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == r or path.is_relative_to(r) for r in roots)
-
-
 def _roots_text(roots: Sequence[Path]) -> str:
     return ", ".join(str(r) for r in roots) or "(none)"
 
@@ -138,7 +140,7 @@ def _close_entries(text: str, roots: Sequence[Path]) -> str:
     names: list[str] = []
     for root in roots:
         parent = root / rel.parent
-        if parent.is_dir() and _inside(Path(os.path.realpath(parent)), roots):
+        if parent.is_dir() and inside(Path(os.path.realpath(parent)), roots):
             try:
                 names += [str(rel.parent / p.name) if str(rel.parent) != "." else p.name
                           for p in parent.iterdir() if p.is_dir()][:1000]
@@ -170,7 +172,7 @@ def resolve_under_roots(text: str, roots: Sequence[Path], *, what: str = "model"
     else:
         found = [r / path for r in roots if os.path.lexists(r / path)]
         if not found:
-            escapes = not all(_inside(Path(os.path.realpath(r / path)), roots) for r in roots)
+            escapes = not all(inside(Path(os.path.realpath(r / path)), roots) for r in roots)
             if ".." in path.parts and escapes:  # worded as for an existing path: existence is not told
                 raise _Refusal(
                     f"{what} path {text!r} is outside the allowed roots ({_roots_text(roots)})",
@@ -186,7 +188,7 @@ def resolve_under_roots(text: str, roots: Sequence[Path], *, what: str = "model"
             )
         candidate = found[0]
     real = Path(os.path.realpath(candidate))
-    if not _inside(real, roots):
+    if not inside(real, roots):
         via = "resolves through a symlink to a location" if real != Path(os.path.abspath(candidate)) else "is"
         raise _Refusal(
             f"{what} path {text!r} {via} outside the allowed roots ({_roots_text(roots)})",

@@ -101,17 +101,23 @@ def assert_true_attempts(rows: list[Trial], events: list[dict[str, Any]]) -> Non
         assert {"number", "attempt", "why"} <= set(e), e
 
 
+def kill_worker_of(controller: Controller, number: int) -> Any:
+    """Once trial ``number`` runs, SIGKILL its worker's process; returns the pool's record of the run."""
+    step_until(controller, lambda: running_trial(controller, number) is not None)
+    pool, run = running_trial(controller, number)
+    pid = worker_pid(pool, run)
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    return run
+
+
 # ---- (a) a worker killed -----------------------------------------------------------------------
 def test_a_worker_killed_mid_trial_is_retried_with_an_event(llama, db, settings, ray_local, dispatches):
     _, sessions = db
     sid = add_study(sessions, study_spec(llama, trials=4, delay=1.5, parallelism=2))
     controller = Controller(settings, sessions)
     try:
-        step_until(controller, lambda: running_trial(controller, 1) is not None)
-        pool, run = running_trial(controller, 1)
-        pid = worker_pid(pool, run)
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
+        kill_worker_of(controller, 1)
         step_until(controller, lambda: ended(sessions, sid))
     finally:
         controller.stop()
@@ -142,12 +148,8 @@ def test_a_worker_killed_during_a_post_restart_retry_fails_the_trial_at_the_limi
 
     second = Controller(settings, sessions)
     try:
-        step_until(second, lambda: running_trial(second, 0) is not None)
-        pool, run = running_trial(second, 0)
+        run = kill_worker_of(second, 0)
         assert run.attempt == 2
-        pid = worker_pid(pool, run)
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
         step_until(second, lambda: ended(sessions, sid))
     finally:
         second.stop()
