@@ -25,15 +25,19 @@ def model_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def family(model_root):
-    """``family(arch, n_experts=2)`` -> (base, [experts]) of a tiny random model."""
+    """``family(arch, n_experts=2, dtype=None)`` -> (base, [experts]) of a tiny random
+    model (float32 unless ``dtype`` is given, e.g. ``torch.bfloat16``)."""
     from workers.synthetic import make_family
 
-    cache: dict[tuple[str, int], tuple[Path, list[Path]]] = {}
+    cache: dict[tuple[str, int, str], tuple[Path, list[Path]]] = {}
 
-    def get(arch: str, n_experts: int = 2):
-        key = (arch, n_experts)
+    def get(arch: str, n_experts: int = 2, dtype: torch.dtype | None = None):
+        tag = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+        key = (arch, n_experts, tag)
         if key not in cache:
-            cache[key] = make_family(arch, model_root / f"{arch}-{n_experts}", n_experts)
+            folder = model_root / (f"{arch}-{n_experts}" + ("" if dtype is None else f"-{tag}"))
+            extra = {} if dtype is None else {"dtype": dtype}
+            cache[key] = make_family(arch, folder, n_experts, **extra)
         return cache[key]
 
     return get

@@ -120,9 +120,9 @@ def test_stacking_candidate_with_scales_equals_disk_merge(family, tmp_path, arch
 def test_stacking_shares_unscaled_layers_with_the_sources(llama_builder):
     base, experts, builder = llama_builder
     model = builder.build(stacking(base, experts, 2, False))
-    src = builder.cache.tensors[(str(experts[0]), "model.layers.1.self_attn.q_proj.weight")]
+    src = builder.sources.tensors[(str(experts[0]), "model.layers.1.self_attn.q_proj.weight")]
     assert model.model.layers[1].self_attn.q_proj.weight.data_ptr() == src.data_ptr()
-    scaled = builder.cache.tensors[(str(experts[1]), "model.layers.1.self_attn.o_proj.weight")]
+    scaled = builder.sources.tensors[(str(experts[1]), "model.layers.1.self_attn.o_proj.weight")]
     assert model.model.layers[2].self_attn.o_proj.weight.data_ptr() != scaled.data_ptr()
     # every output layer is its own module (its own KV-cache index) even when repeated
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3, 4]
@@ -146,18 +146,38 @@ def test_generation_with_kv_cache_on_a_repeated_stack(llama_builder):
 
 
 def test_nan_candidate_is_refused(llama_builder):
+    """A source that turns NaN after it was checked still cannot reach a score: the
+    merged tensor is checked as it is written."""
     base, experts, builder = llama_builder
     recipe = ps_recipe("task_arithmetic", base, experts)
+    builder.build(recipe)
     key = (str(experts[0]), "model.layers.0.mlp.up_proj.weight")
-    saved = builder.cache.tensors[key].clone()
-    delta_key = next(k for k in builder.cache.deltas if k[:2] == key)
-    saved_delta = builder.cache.deltas[delta_key].clone()
+    source = builder.sources.tensors[key]
+    saved = source.clone()
     try:
-        builder.cache.deltas[delta_key][0, 0] = float("nan")
+        source[0, 0] = float("nan")
         from workers.methods.base import MergeError
 
         with pytest.raises(MergeError, match=r"NaN or inf in tensor model\.layers\.0\.mlp\.up_proj\.weight"):
             builder.build(recipe)
     finally:
-        builder.cache.tensors[key].copy_(saved)
-        builder.cache.deltas[delta_key].copy_(saved_delta)
+        source.copy_(saved)
+
+
+def test_a_nan_source_is_refused_on_first_use(family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from workers.methods.base import MergeError
+
+    base, experts = family("llama")
+    poisoned = tmp_path / "poisoned"
+    import shutil
+
+    shutil.copytree(experts[0], poisoned)
+    state = load_file(str(poisoned / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    for tier in ("resident", "mapped"):
+        builder = CandidateBuilder([str(poisoned), str(experts[1])], base=str(base), tier=tier)
+        with pytest.raises(MergeError, match=r"model\.layers\.1\.mlp\.down_proj\.weight: contains NaN"):
+            builder.build(ps_recipe("task_arithmetic", base, [poisoned, experts[1]]))

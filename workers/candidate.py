@@ -1,36 +1,39 @@
 """Candidates built in memory: the search's inner loop, with no disk.
 
-A :class:`CandidateBuilder` loads a study's sources once and keeps what every
-candidate needs: each source's tensors, each task vector (source − base), and, for
-the magnitude-trimming methods, each task vector's magnitudes sorted once (so that
-trimming at any density is a look-up and a comparison, not a sort). It holds one
-resident model:
+A :class:`CandidateBuilder` opens a study's sources once, in their stored dtype, in one
+of three memory tiers (``workers.sources``: on the device, streamed from host memory,
+or mapped through the page cache), and holds one resident model:
 
 - a **parameter-space** recipe is merged tensor by tensor straight into the resident
-  model's parameters (``copy_``: no reallocation, nothing written to disk);
+  model's parameters: each tensor's task vectors are formed chunk by chunk in a small
+  float32 workspace (``workers.tensor_merge``) and the result is rounded to the
+  candidate's dtype as it is written; nothing full-size is derived or stored;
 - a **stacking** recipe gets a model of the recipe's depth, built on the meta device,
   whose parameters *are* the sources' tensors (assigned, not copied); only the
   tensors a residual scale touches are new.
 
-The arithmetic is the merge engine's (same plan, same methods, same per-tensor seeds,
-same dtype round trip), so a candidate's logits equal those of ``evomerge merge`` of
-the same recipe written to disk and reloaded — what was scored is what is downloaded.
+The arithmetic is the merge engine's (same plan, same chunks, same per-tensor seeds,
+same rounding), so a candidate's logits equal those of ``evomerge merge`` of the same
+recipe written to disk and loaded in the candidate's dtype — what was scored is what is
+downloaded, in every tier.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from search_spaces.recipe import Recipe
-from workers.merge import apply_residual_scale
-from workers.methods.base import MergeError, MergeInputs
-from workers.model_io import LazyModel
+from workers.methods.base import MergeError
+from workers.model_io import LazyModel, dtype_from_name
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
+from workers.sources import Key, Sources, open_sources
+from workers.sparsify import Workspace
+from workers.tensor_merge import TensorInputs, merge_into
 
-SORTED_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+CANDIDATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -40,89 +43,50 @@ class BuildTimings:
     tensors: int = 0
 
 
-@dataclass
-class _Cache:
-    tensors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-    deltas: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
-    sorted: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
-
-
 class CandidateBuilder:
     """Builds candidates of one study's sources in memory.
 
-    ``sources`` are model references (the study's models, base included). Task
-    vectors are computed against ``base``; recipes naming another base still work
-    (their task vectors are computed on first use and kept).
+    ``sources`` are model references (the study's models, base included); ``tier`` is
+    where their tensors live (``workers.sources``); ``dtype`` is the candidate's:
+    ``auto`` is the merged model's own (the recipe's ``out_dtype``, else the base's),
+    so the scored candidate is the downloaded model; ``float32`` keeps a float32 copy
+    of the same rounded values. ``cache_task_vectors`` keeps each float32 task vector
+    on the device once formed (the memory plan turns it on only where there is room).
     """
 
     def __init__(self, sources: list[str], base: str | None = None, *, device: str = "cpu",
-                 precompute: bool = True):
+                 tier: str = "resident", dtype: str = "auto", cache_task_vectors: bool = False):
+        if dtype not in CANDIDATE_DTYPES:
+            raise ValueError(f"unknown candidate dtype {dtype!r}: use one of {', '.join(CANDIDATE_DTYPES)}")
         if base is not None and base not in sources:
             sources = [base, *sources]
         self.refs = list(dict.fromkeys(sources))
         self.base = base
         self.device = torch.device(device)
+        self.dtype = dtype
+        self.tier = tier
         self.models = {ref: LazyModel(ref) for ref in self.refs}
-        self.cache = _Cache()
+        self.sources: Sources = open_sources(tier, self.models, self.device)
+        self.cache_task_vectors = cache_task_vectors
+        self.task_vectors: dict[tuple[Key, Key], torch.Tensor] = {}
         self.timings = BuildTimings()
-        for ref, lazy in self.models.items():
-            for name, info in lazy.tensors.items():
-                t = lazy.get(name)
-                if info.dtype.is_floating_point and info.dtype != torch.float64:
-                    t = t.to(torch.float32)
-                self.cache.tensors[(ref, name)] = t.to(self.device)
-            lazy.close()
-        if base is not None and precompute:
-            for ref in self.refs:
-                if ref != base:
-                    for name in self.models[ref].tensors:
-                        self._delta(ref, name, base, name)
-        self._resident: torch.nn.Module | None = None
-        self._resident_ref: str | None = None
-        from workers.sparsify import Workspace
-
         self.workspace = Workspace()
+        self._resident: torch.nn.Module | None = None
+        self._resident_key: tuple[str, torch.dtype] | None = None
 
-    # ---- precomputed inputs ------------------------------------------------------
-    def _tensor(self, ref: str, name: str) -> torch.Tensor:
-        return self.cache.tensors[(ref, name)]
-
-    def _delta(self, ref: str, name: str, base_ref: str, base_name: str) -> torch.Tensor:
-        key = (ref, name, f"{base_ref}:{base_name}")
-        if key not in self.cache.deltas:
-            self.cache.deltas[key] = self._tensor(ref, name) - self._tensor(base_ref, base_name)
-        return self.cache.deltas[key]
-
-    def _sorted(self, ref: str, name: str, base_ref: str, base_name: str) -> torch.Tensor:
-        from workers.sparsify import sorted_magnitudes
-
-        key = (ref, name, f"{base_ref}:{base_name}")
-        if key not in self.cache.sorted:
-            self.cache.sorted[key] = sorted_magnitudes(self._delta(ref, name, base_ref, base_name))
-        return self.cache.sorted[key]
-
-    def precompute_sorted(self) -> None:
-        """Sort every task vector's magnitudes now (TIES / Breadcrumbs studies)."""
-        if self.base is None:
-            return
-        for ref in self.refs:
-            if ref != self.base:
-                for name in self.models[ref].tensors:
-                    if self.models[ref].tensors[name].dtype.is_floating_point:
-                        self._sorted(ref, name, self.base, name)
-
+    # ---- what it holds ---------------------------------------------------------------
     def memory_bytes(self) -> dict[str, int]:
         size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        resident = size(self._resident.parameters()) if self._resident is not None else 0
+        held = self.sources.nbytes()
         return {
-            "sources": size(self.cache.tensors.values()),
-            "task_vectors": size(self.cache.deltas.values()),
-            "sorted_magnitudes": size(self.cache.sorted.values()),
-            "candidate": resident,
+            "sources_device": held["device"],
+            "sources_host": held["host"],
+            "task_vectors": size(self.task_vectors.values()),
+            "candidate": size(self._resident.parameters()) if self._resident is not None else 0,
             "scratch": self.workspace.nbytes(),
         }
 
-    # ---- building ------------------------------------------------------------------
+    # ---- building ----------------------------------------------------------------------
     def build(self, recipe: Recipe) -> torch.nn.Module:
         """The candidate for ``recipe`` (the resident model, or a stacked one)."""
         start = time.perf_counter()
@@ -135,91 +99,115 @@ class CandidateBuilder:
         plan = build_plan(recipe, models=self.models)
         self.timings.plan_s = time.perf_counter() - start
         start = time.perf_counter()
-        model = self._stack(plan) if recipe.is_stacking() else self._merge_into_resident(plan)
+        with torch.no_grad():
+            model = self._stack(plan) if recipe.is_stacking() else self._merge_into_resident(plan)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.timings.merge_s = time.perf_counter() - start
         self.timings.tensors = len(plan.tasks)
         return model
 
-    def resident(self, ref: str | None = None) -> torch.nn.Module:
-        """The resident model, loaded once from ``ref`` (default: the base)."""
+    def candidate_dtype(self, plan: MergePlan) -> torch.dtype:
+        return plan.out_dtype if self.dtype == "auto" else dtype_from_name(self.dtype)  # type: ignore[return-value]
+
+    def resident(self, ref: str | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The resident model, loaded once from ``ref`` (default: the base) in ``dtype``."""
         ref = ref or self.base or self.refs[0]
-        if self._resident is None:
+        if self._resident is None or self._resident_key != (ref, dtype):
             from transformers import AutoModelForCausalLM
 
-            self._resident = AutoModelForCausalLM.from_pretrained(
-                str(self.models[ref].path), dtype=torch.float32
-            ).to(self.device).eval()
-            self._resident.requires_grad_(False)
-            self._resident_ref = ref
+            self._resident = None  # the old one goes before the new one comes
+            kwargs = {"device_map": str(self.device)} if self.device.type != "cpu" else {}
+            model = AutoModelForCausalLM.from_pretrained(str(self.models[ref].path), dtype=dtype, **kwargs)
+            model.eval().requires_grad_(False)
+            self._resident, self._resident_key = model, (ref, dtype)
         return self._resident
 
-    def _inputs(self, plan: MergePlan, task: TensorTask) -> MergeInputs:
-        base = self._tensor(task.base.model, task.base.name) if task.base else None
-        tensors = [self._tensor(s.model, s.name) for s in task.inputs]
-        deltas = sorted_mags = None
-        if task.base is not None and tensors and tensors[0].is_floating_point():
-            b = task.base
-            deltas = [self._delta(s.model, s.name, b.model, b.name) for s in task.inputs]
-            if plan.method.name in SORTED_METHODS:
-                sorted_mags = [self._sorted(s.model, s.name, b.model, b.name) for s in task.inputs]
-        return MergeInputs(
-            name=task.name, base=base, tensors=tensors, model_params=task.model_params,
+    def _key(self, model: str, name: str) -> Key:
+        return (model, name)
+
+    def _inputs(self, plan: MergePlan, task: TensorTask) -> TensorInputs:
+        base_key = self._key(task.base.model, task.base.name) if task.base else None
+        keys = [self._key(s.model, s.name) for s in task.inputs]
+        cached = None
+        if self.cache_task_vectors and base_key is not None:
+            cached = [self._task_vector(plan, task, k, base_key) for k in keys]
+        return TensorInputs(
+            name=task.name, shape=task.shape,
+            base=self.sources.get(base_key) if base_key else None,
+            tensors=[self.sources.get(k) for k in keys], model_params=task.model_params,
             global_params=task.global_params, seed=plan.recipe.seed,
-            model_names=[s.model for s in task.inputs], deltas=deltas,
-            sorted_magnitudes=sorted_mags, owned=False, workspace=self.workspace,
+            model_names=[s.model for s in task.inputs], read_dtype=plan.read_dtype,
+            task_vectors=cached,
         )
 
+    def _task_vector(self, plan: MergePlan, task: TensorTask, key: Key, base_key: Key) -> torch.Tensor:
+        """A float32 task vector, formed as the merge forms it and kept."""
+        cache_key = (key, base_key, plan.read_dtype)
+        if cache_key not in self.task_vectors:
+            whole = TensorInputs(name=task.name, shape=task.shape, base=self.sources.get(base_key),
+                                 tensors=[self.sources.get(key)], model_params=[{}], global_params={},
+                                 read_dtype=plan.read_dtype)
+            self.task_vectors[cache_key] = whole.whole_task_vector(0, self.workspace)
+        return self.task_vectors[cache_key]
+
+    @staticmethod
+    def _keys(task: TensorTask) -> list[Key]:
+        return [(s.model, s.name) for s in ([task.base] if task.base else []) + task.inputs]
+
     def _merge_into_resident(self, plan: MergePlan) -> torch.nn.Module:
-        model = self.resident(plan.config_source)
+        model = self.resident(plan.config_source, self.candidate_dtype(plan))
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        names = {t.name for t in plan.tasks}
-        missing = [n for n in names if n not in params]
+        missing = [t.name for t in plan.tasks if t.name not in params]
         if missing:
             raise MergeError(
                 f"the recipe's output tensors do not match the resident model: {missing[:3]}"
             )
-        with torch.no_grad():
-            for task in plan.tasks:
-                if not task.dtype.is_floating_point:
-                    continue
-                target = params[task.name]
-                inputs = self._inputs(plan, task)
-                if task.dtype == target.dtype and target.is_contiguous():
-                    inputs.out = target  # merged straight into the resident parameter
-                merged = plan.method.merge(inputs)
-                if merged is not target:
-                    target.copy_(merged.to(task.dtype).to(target.dtype))
-                if not torch.isfinite(target.sum()):
-                    raise MergeError(f"the candidate has NaN or inf in tensor {task.name}")
+        tasks = [t for t in plan.tasks if t.dtype.is_floating_point]
+        for i, task in enumerate(tasks):
+            if i + 1 < len(tasks):
+                self.sources.prefetch(self._keys(tasks[i + 1]))
+            merge_into(plan.method, self._inputs(plan, task), params[task.name], out_dtype=task.dtype,
+                       ws=self.workspace, residual_scale=task.residual_scale, unit_offset=task.unit_offset)
+            self.sources.release()
         return model
 
+    def _stacked_tensor(self, plan: MergePlan, task: TensorTask, dtype: torch.dtype) -> torch.Tensor:
+        """One tensor of a stacked candidate: the source's own where nothing changes it."""
+        src = task.inputs[0]
+        key = self._key(src.model, src.name)
+        t = self.sources.keep(key)
+        scale = task.model_params[0].get("scale", 1.0)
+        plain = scale == 1 and task.residual_scale in (None, 1) and (
+            plan.read_dtype is None or plan.read_dtype == t.dtype)
+        if not t.is_floating_point() or plain:
+            if t.is_floating_point() and t.dtype != task.dtype:
+                t = t.to(task.dtype)  # the written model's rounding
+            return t.to(dtype) if t.is_floating_point() else t
+        target = torch.empty(task.shape, dtype=dtype, device=self.device)
+        inputs = TensorInputs(name=task.name, shape=task.shape, base=None, tensors=[t],
+                              model_params=task.model_params, global_params=task.global_params,
+                              seed=plan.recipe.seed, model_names=[src.model], read_dtype=plan.read_dtype)
+        return merge_into(plan.method, inputs, target, out_dtype=task.dtype, ws=self.workspace,
+                          residual_scale=task.residual_scale, unit_offset=task.unit_offset)
+
     def _stack(self, plan: MergePlan) -> torch.nn.Module:
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        dtype = self.candidate_dtype(plan)
         config_dict = patched_config(plan)
         config_dict.pop("torch_dtype", None)
         config_dict.pop("dtype", None)
         model_type = config_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_dict)
-        from accelerate import init_empty_weights
-
         # parameters on the meta device (they will be the sources' tensors); buffers
         # computed at init (rotary frequencies, embedding scales) are built for real
         with init_empty_weights(include_buffers=False):
-            shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state: dict[str, torch.Tensor] = {}
-        for task in plan.tasks:
-            src = task.inputs[0]
-            t = self._tensor(src.model, src.name)
-            scale = task.model_params[0].get("scale", 1.0)
-            if scale != 1:
-                t = t * scale
-            if task.residual_scale is not None and task.residual_scale != 1:
-                t = apply_residual_scale(t, task.residual_scale, task.unit_offset)
-            if t.is_floating_point() and task.dtype != t.dtype:
-                t = t.to(task.dtype).to(torch.float32)  # the disk round trip
-            state[task.name] = t
+            shell = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        state = {task.name: self._stacked_tensor(plan, task, dtype) for task in plan.tasks}
+        self.sources.release()
         shell.load_state_dict(state, strict=False, assign=True)
         if getattr(config, "tie_word_embeddings", False):
             shell.tie_weights()

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from search_spaces.recipe import Recipe
-from workers.methods.base import MergeError, MergeInputs, compute_dtype
-from workers.model_io import LazyModel
+from workers.methods.base import MergeError
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
 from workers.safetensors_writer import ShardedWriter, TensorSpec, parse_size
 from workers.sparsify import Workspace
+from workers.tensor_merge import TensorInputs, merge_into
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -57,18 +57,12 @@ def apply_residual_scale(tensor: torch.Tensor, scale: float, unit_offset: bool) 
     return tensor * scale
 
 
-def _read(model: LazyModel, name: str, read_dtype: torch.dtype | None) -> torch.Tensor:
-    t = model.get(name)
-    if read_dtype is not None and t.dtype.is_floating_point:
-        t = t.to(read_dtype)
-    return t
-
-
 def read_inputs(
     plan: MergePlan, task: TensorTask
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    base = _read(plan.models[task.base.model], task.base.name, plan.read_dtype) if task.base else None
-    tensors = [_read(plan.models[s.model], s.name, plan.read_dtype) for s in task.inputs]
+    """A task's inputs in their stored dtype (the recipe's ``dtype`` applies in the merge)."""
+    base = plan.models[task.base.model].get(task.base.name) if task.base else None
+    tensors = [plan.models[s.model].get(s.name) for s in task.inputs]
     return base, tensors
 
 
@@ -80,34 +74,35 @@ def merge_tensor(
     device: torch.device | str = "cpu",
     workspace: Workspace | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor from its raw inputs; the result is in the task's dtype on CPU."""
+    """Merge one tensor from its raw inputs; the result is in the task's dtype on CPU.
+
+    The arithmetic is ``workers.tensor_merge.merge_into``'s, the in-memory candidate
+    builder's too: what is written is what a worker scores.
+    """
     everything = ([base] if base is not None else []) + tensors
     if not everything[0].dtype.is_floating_point:
         return everything[0].clone()  # integer buffers (e.g. position ids) are copied
     for src, t in zip(([task.base] if task.base else []) + task.inputs, everything):
-        # a sum is NaN when any entry is (or when +inf meets -inf): cheap first check
-        if torch.isnan(t.sum()) and torch.isnan(t).any():
-            raise MergeError(
-                f"model {src.model!r}, tensor {src.name}: contains NaN; refusing to merge it"
-            )
-    dt = compute_dtype(everything)
-    base_c = base.to(device=device, dtype=dt) if base is not None else None
-    tensors_c = [t.to(device=device, dtype=dt) for t in tensors]
-    inputs = MergeInputs(
-        name=task.name,
-        base=base_c,
-        tensors=tensors_c,
-        model_params=task.model_params,
-        global_params=task.global_params,
-        seed=plan.recipe.seed,
-        model_names=[s.model for s in task.inputs],
-        owned=True,  # freshly read for this task: the method may reuse the buffers
-        workspace=workspace,
+        check_finite_source(src.model, src.name, t)
+    device = torch.device(device)
+    inputs = TensorInputs(
+        name=task.name, shape=task.shape,
+        base=base.to(device) if base is not None else None,
+        tensors=[t.to(device) for t in tensors],
+        model_params=task.model_params, global_params=task.global_params,
+        seed=plan.recipe.seed, model_names=[s.model for s in task.inputs],
+        read_dtype=plan.read_dtype,
     )
-    out = plan.method.merge(inputs)
-    if task.residual_scale is not None and task.residual_scale != 1:
-        out = apply_residual_scale(out, task.residual_scale, task.unit_offset)
-    return out.to(dtype=task.dtype, device="cpu")
+    out = torch.empty(task.shape, dtype=task.dtype, device=device)
+    merge_into(plan.method, inputs, out, out_dtype=task.dtype, ws=workspace or Workspace(),
+               residual_scale=task.residual_scale, unit_offset=task.unit_offset)
+    return out.cpu()
+
+
+def check_finite_source(model: str, name: str, t: torch.Tensor) -> None:
+    """Refuse a source tensor with NaN (a sum is NaN when any entry is: a cheap first check)."""
+    if torch.isnan(t.sum()) and torch.isnan(t).any():
+        raise MergeError(f"model {model!r}, tensor {name}: contains NaN; refusing to merge it")
 
 
 def write_side_files(plan: MergePlan, out_dir: Path) -> None:

@@ -71,9 +71,10 @@ class MergeInputs:
 
     ``base`` is the base model's tensor (None for methods without a base); ``tensors``
     are the other inputs in recipe order, with ``model_params`` resolved for each.
-    All tensors are in the compute dtype. ``deltas`` and ``sorted_magnitudes`` may be supplied by a
-    caller that precomputed them (task vectors, and each flattened task vector's
-    magnitudes sorted ascending) so that a candidate costs no subtraction and no sort.
+    All tensors are in the compute dtype. For a ``chunked`` method they are one block of
+    rows of the tensor (``workers.tensor_merge``), and ``state`` is what the method's
+    ``prepare`` found from the whole tensor. ``deltas`` may be supplied by a caller that
+    cached the task vectors.
     """
 
     name: str
@@ -84,10 +85,10 @@ class MergeInputs:
     seed: int = 0
     model_names: list[str] = field(default_factory=list)
     deltas: list[torch.Tensor] | None = None
-    sorted_magnitudes: list[torch.Tensor] | None = None
     owned: bool = False  # the method may overwrite ``tensors`` (and ``deltas``) in place
     workspace: Any = None  # a workers.sparsify.Workspace of reusable scratch buffers
     out: torch.Tensor | None = None  # write the result here when the method can
+    state: Any = None  # a chunked method's per-tensor facts, from its ``prepare``
 
     def task_vectors(self) -> list[torch.Tensor]:
         if self.deltas is not None:
@@ -99,12 +100,17 @@ class MergeInputs:
         return [t - self.base for t in self.tensors]
 
     def generator(self, index: int) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, tensor name, model index)."""
-        import zlib
+        return tensor_generator(self.seed, self.name, index)
 
-        g = torch.Generator(device="cpu")
-        g.manual_seed(zlib.crc32(f"{self.seed}/{self.name}/{index}".encode()) + (self.seed << 32))
-        return g
+
+def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator seeded by (recipe seed, tensor name, model index): a seed gives the
+    same random masks on every device and in every memory tier."""
+    import zlib
+
+    g = torch.Generator(device="cpu")
+    g.manual_seed(zlib.crc32(f"{seed}/{name}/{index}".encode()) + (seed << 32))
+    return g
 
 
 class MergeMethod(ABC):
@@ -118,12 +124,25 @@ class MergeMethod(ABC):
     min_models: ClassVar[int] = 1  # non-base inputs
     max_models: ClassVar[int | None] = None
     is_random: ClassVar[bool] = False
+    # True when the output at each entry depends only on the inputs at that entry and on
+    # per-tensor facts that ``prepare`` finds first: the engine then merges the tensor a
+    # block of rows at a time, in a small float32 workspace (workers.tensor_merge).
+    chunked: ClassVar[bool] = False
     global_params: ClassVar[tuple[ParamSpec, ...]] = ()
     model_params: ClassVar[tuple[ParamSpec, ...]] = ()
 
     @abstractmethod
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         """Return the merged tensor (any float dtype; the engine casts it)."""
+
+    def prepare(self, inputs: Any, ws: Any) -> Any:
+        """A chunked method's per-tensor facts, found before the chunks are merged.
+
+        ``inputs`` is a ``workers.tensor_merge.TensorInputs`` (the whole tensor's
+        inputs, readable a chunk at a time); the result reaches ``merge`` as
+        ``MergeInputs.state``. Most methods need nothing.
+        """
+        return None
 
     def describe(self) -> dict[str, Any]:
         def spec(p: ParamSpec) -> dict[str, Any]:
@@ -142,10 +161,8 @@ class MergeMethod(ABC):
             "reference": self.reference,
             "needs_base": self.needs_base,
             "random": self.is_random,
+            "chunked": self.chunked,
             "global": [spec(p) for p in self.global_params],
             "per_model": [spec(p) for p in self.model_params],
         }
 
-
-def compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

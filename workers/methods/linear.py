@@ -17,10 +17,11 @@ class Linear(MergeMethod):
     base_is_input = True
     global_params = (ParamSpec("normalize", bool, True, help="divide by the summed weights"),)
     model_params = (ParamSpec("weight", float, help="this model's weight"),)
+    chunked = True
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         weights = [p["weight"] for p in inputs.model_params]
-        out = torch.zeros_like(inputs.tensors[0])
+        out = inputs.out.zero_() if inputs.out is not None else torch.zeros_like(inputs.tensors[0])
         for w, t in zip(weights, inputs.tensors):
             out.add_(t, alpha=w)
         if inputs.global_params["normalize"]:

@@ -16,6 +16,7 @@ class Passthrough(MergeMethod):
     base_is_input = True
     max_models = 1
     model_params = (ParamSpec("scale", float, 1.0, help="multiplies the tensor (mergekit)"),)
+    chunked = True
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         scale = inputs.model_params[0]["scale"]

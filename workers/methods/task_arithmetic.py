@@ -15,6 +15,8 @@ import torch
 from workers import sparsify
 from workers.methods import register
 from workers.methods.base import MergeError, MergeInputs, MergeMethod, ParamSpec
+from workers.sparsify import Sparsifier
+from workers.tensor_merge import TensorInputs
 
 WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector")
 DENSITY = ParamSpec("density", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
@@ -42,27 +44,69 @@ def _shared(normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
 class TaskVectorMethod(MergeMethod):
     sparsification: ClassVar[str | None] = None  # magnitude | random | outliers | della
     consensus: ClassVar[str | None] = None  # "sum" (TIES) | "count"
+    chunked = True
+
+    def prepare(self, inputs: TensorInputs, ws: sparsify.Workspace) -> list[Sparsifier]:
+        """How each input's task vector is sparsified in this tensor: trimming windows
+        and L1 rescale factors need the whole task vector, read here chunk by chunk."""
+        g = inputs.global_params
+        rescale = g["rescale_mode"] if g["rescale"] else None
+        plan = [Sparsifier.for_input(self.sparsification, params, rescale, inputs, i)
+                for i, params in enumerate(inputs.model_params)]
+        searches = {i: sp.search for i, sp in enumerate(plan) if sp.search is not None}
+        drawn = [i for i, sp in enumerate(plan) if sp.kind in ("random", "della") and sp.rescale == "l1"]
+        if searches or drawn:
+            sums = {i: [0.0, 0.0] for i in drawn}
+            for i in drawn:
+                plan[i].start_pass()
+            for r0, r1 in inputs.chunk_rows():
+                base = inputs.base_chunk(r0, r1, ws)
+                assert base is not None
+                for i in [*searches, *drawn]:
+                    delta = inputs.task_vector_chunk(i, r0, r1, base, ws, "tv")
+                    if i in searches:
+                        searches[i].observe(torch.abs(delta, out=ws.get("mag", delta)))
+                    if i in sums:
+                        sums[i][0] += float(delta.abs().sum(dtype=torch.float64))
+                        sums[i][1] += float(plan[i].keep(delta, ws).abs().sum(dtype=torch.float64))
+            for i, search in searches.items():
+                plan[i].window = search.finish(lambda i=i: inputs.whole_task_vector(i, ws).abs_().reshape(-1))
+            for i in drawn:
+                plan[i].set_l1(*sums[i])
+        trimmed_l1 = [i for i, sp in enumerate(plan) if sp.window is not None and sp.rescale == "l1"]
+        if trimmed_l1:  # the L1 norm of what a window keeps needs the window first
+            sums = {i: [0.0, 0.0] for i in trimmed_l1}
+            for r0, r1 in inputs.chunk_rows():
+                base = inputs.base_chunk(r0, r1, ws)
+                assert base is not None
+                for i in trimmed_l1:
+                    delta = inputs.task_vector_chunk(i, r0, r1, base, ws, "tv")
+                    sums[i][0] += float(delta.abs().sum(dtype=torch.float64))
+                    sums[i][1] += float(plan[i].keep(delta, ws).abs().sum(dtype=torch.float64))
+            for i in trimmed_l1:
+                plan[i].set_l1(*sums[i])
+        for sp in plan:
+            sp.start_pass()
+        return plan
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         base = inputs.base
         if base is None:
             raise MergeError(f"{self.name} needs a base_model")
-        if not inputs.tensors:
+        if not inputs.tensors and not inputs.deltas:
             return base
         ws = inputs.workspace or sparsify.Workspace(reuse=False)
+        plan = inputs.state
+        if plan is None:  # called on a whole tensor, outside the engine
+            plan = self.prepare(_whole(inputs), ws)
         g = inputs.global_params
-        rescale = g["rescale_mode"] if g["rescale"] else None
         weights = [p["weight"] for p in inputs.model_params]
         # weighted, sparsified task vectors, each in a buffer of its own
         weighted = []
-        for i, (delta, params) in enumerate(zip(inputs.task_vectors(), inputs.model_params)):
+        for i, delta in enumerate(inputs.task_vectors()):
             # an owned task vector (freshly read by the engine) is its own buffer
-            buf = delta if inputs.owned else ws.get(f"kept{i}", delta)
-            if self.sparsification is None:
-                weighted.append(torch.mul(delta, weights[i], out=buf))
-            else:
-                self._sparsify(delta, params, rescale, buf, ws, inputs, i)
-                weighted.append(buf.mul_(weights[i]))
+            buf = delta if inputs.owned else ws.get(f"kept{i}", delta).copy_(delta)
+            weighted.append(plan[i].apply(buf, ws).mul_(weights[i]))
         out = inputs.out if inputs.out is not None else torch.empty_like(base)
         if len(weighted) == 1:
             out.copy_(weighted[0])
@@ -103,29 +147,16 @@ class TaskVectorMethod(MergeMethod):
             out.mul_(g["lambda"])
         return out.add_(base)
 
-    def _sparsify(self, delta, params, rescale, out, ws, inputs: MergeInputs, index: int):
-        kind = self.sparsification
-        if kind is None:
-            return out.copy_(delta)
-        density = params["density"]
-        sorted_mag = inputs.sorted_magnitudes[index] if inputs.sorted_magnitudes is not None else None
-        if kind == "magnitude":
-            return sparsify.magnitude(delta, density, rescale, sorted_mag, out=out, ws=ws)
-        if kind == "outliers":
-            return sparsify.magnitude_outliers(
-                delta, density, params["gamma"], rescale, sorted_mag, out=out, ws=ws
-            )
-        if kind == "random":
-            return sparsify.random_drop(delta, density, inputs.generator(index), rescale, out=out, ws=ws)
-        if kind == "della":
-            try:
-                return sparsify.della_magprune(
-                    delta, density, params["epsilon"], inputs.generator(index), rescale, out=out, ws=ws
-                )
-            except ValueError as exc:
-                model = inputs.model_names[index] if inputs.model_names else f"#{index}"
-                raise MergeError(f"model {model}, tensor {inputs.name}: {exc}") from None
-        raise AssertionError(kind)
+
+def _whole(inputs: MergeInputs) -> TensorInputs:
+    """A whole tensor's inputs as the engine would give them (for direct calls)."""
+    assert inputs.base is not None
+    return TensorInputs(
+        name=inputs.name, shape=tuple(inputs.base.shape), base=inputs.base,
+        tensors=list(inputs.tensors), model_params=inputs.model_params,
+        global_params=inputs.global_params, seed=inputs.seed, model_names=inputs.model_names,
+        task_vectors=inputs.deltas,
+    )
 
 
 @register

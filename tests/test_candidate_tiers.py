@@ -1,0 +1,153 @@
+"""Sources in their own dtype, in every memory tier: the candidate scored in memory
+equals the merged model written to disk and loaded in the candidate's dtype, bit for
+bit, for every method and for stacking, across architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from search_spaces.recipe import Recipe
+from workers.candidate import CandidateBuilder
+from workers.merge import merge
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9, 8, 7, 6, 5]])
+TIERS = ("resident", "streamed", "mapped")
+
+PS = {
+    "linear": ({"weight": 0.6}, {}),
+    "task_arithmetic": ({"weight": [0.8, 1.3]}, {"lambda": 0.9}),
+    "ties": ({"weight": 1.0, "density": [0.3, 0.7]}, {}),
+    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
+    "dare_linear": ({"weight": 0.7, "density": 0.5}, {"rescale_mode": "inverse_density"}),
+    "breadcrumbs": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {}),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"rescale": True}),
+    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"rescale_mode": "inverse_density"}),
+    "slerp": ({}, {"t": [0.2, 0.8]}),
+    "model_stock": ({}, {}),
+}
+
+
+def ps_recipe(method: str, base: Path, experts: list[Path]) -> Recipe:
+    per_model, global_params = PS[method]
+    used = experts[:1] if method == "slerp" else experts
+    models = [{"model": str(e), "parameters": dict(per_model)} for e in used]
+    if method == "linear":
+        models.append({"model": str(base), "parameters": {"weight": 0.4}})
+    return Recipe.from_dict({"merge_method": method, "base_model": str(base), "models": models,
+                             "parameters": global_params, "seed": 11})
+
+
+def stacking(experts: list[Path], n: int) -> Recipe:
+    return Recipe.from_dict({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(experts[0]), "layer_range": [0, n]}]},
+        {"sources": [{"model": str(experts[1]), "layer_range": [n - 1, n], "scale": 0.6}]},
+        {"sources": [{"model": str(experts[0]), "layer_range": [0, 1], "scale": 1.4}]},
+    ]})
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def disk_logits(recipe: Recipe, out: Path, dtype: torch.dtype) -> torch.Tensor:
+    merge(recipe, out)
+    return logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).eval())
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(family):
+    return family("llama", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def builders(bf16_llama):
+    base, experts = bf16_llama
+    refs = [str(base), *map(str, experts)]
+    return {tier: CandidateBuilder(refs, base=str(base), tier=tier) for tier in TIERS}
+
+
+@pytest.mark.parametrize("method", [*sorted(PS), "stacking"])
+def test_every_tier_scores_what_is_written(bf16_llama, builders, tmp_path, method):
+    base, experts = bf16_llama
+    recipe = stacking(experts, 2) if method == "stacking" else ps_recipe(method, base, experts)
+    want = disk_logits(recipe, tmp_path / "out", torch.bfloat16)
+    for tier, builder in builders.items():
+        model = builder.build(recipe)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, tier
+        got = logits(model)
+        assert torch.equal(got, want), (tier, (got.float() - want.float()).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
+def test_other_architectures_in_bf16(family, tmp_path, arch):
+    """Mistral (grouped-query attention), Qwen2 (attention biases), Gemma 2 (tied
+    head, (1 + w) norms scaled by stacking)."""
+    base, experts = family(arch, dtype=torch.bfloat16)
+    refs = [str(base), *map(str, experts)]
+    for tier in ("resident", "mapped"):
+        builder = CandidateBuilder(refs, base=str(base), tier=tier)
+        for method in ("ties", "dare_ties", "stacking"):
+            recipe = stacking(experts, 2) if method == "stacking" else ps_recipe(method, base, experts)
+            want = disk_logits(recipe, tmp_path / f"{tier}-{method}", torch.bfloat16)
+            assert torch.equal(logits(builder.build(recipe)), want), (arch, tier, method)
+
+
+def test_a_float32_candidate_holds_the_written_models_values(bf16_llama, tmp_path):
+    """``worker.dtype: float32``: the candidate keeps float32 parameters, rounded as the
+    written bf16 model is, so it computes what that model loaded in float32 computes."""
+    base, experts = bf16_llama
+    builder = CandidateBuilder([str(base), *map(str, experts)], base=str(base), dtype="float32")
+    for recipe in (ps_recipe("ties", base, experts), stacking(experts, 2)):
+        model = builder.build(recipe)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert torch.equal(logits(model), disk_logits(recipe, tmp_path / recipe.merge_method, torch.float32))
+
+
+def test_sources_stay_in_their_dtype_and_nothing_full_size_is_derived(bf16_llama, builders):
+    base, experts = bf16_llama
+    builder = builders["resident"]
+    builder.build(ps_recipe("ties", base, experts))
+    assert {t.dtype for t in builder.sources.tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+    held = builder.memory_bytes()
+    sources = sum(t.numel() * t.element_size() for t in builder.sources.tensors.values())
+    assert held["sources_host"] == sources and held["task_vectors"] == 0
+    base_bytes = sum(t.numel() * t.element_size() for (ref, _), t in builder.sources.tensors.items()
+                     if ref == str(base))
+    assert held["candidate"] == base_bytes  # one model, in the sources' dtype
+    # the workspace is a few chunks of float32 (and the bands of a trim), not copies of tensors
+    from workers.memory_plan import CHUNK_ELEMENTS
+
+    assert held["scratch"] <= 24 * CHUNK_ELEMENTS * 4
+    mapped = builders["mapped"].memory_bytes()
+    assert mapped["sources_host"] == 0 and mapped["sources_device"] == 0
+
+
+def test_cached_task_vectors_give_the_same_candidate(bf16_llama, builders):
+    base, experts = bf16_llama
+    cached = CandidateBuilder([str(base), *map(str, experts)], base=str(base), cache_task_vectors=True)
+    for method in ("ties", "dare_ties", "della", "task_arithmetic"):
+        recipe = ps_recipe(method, base, experts)
+        want = logits(builders["resident"].build(recipe))
+        assert torch.equal(logits(cached.build(recipe)), want), method
+    assert cached.memory_bytes()["task_vectors"] > 0
+
+
+def test_tensors_larger_than_a_chunk_merge_exactly(family, tmp_path, monkeypatch):
+    """Chunk boundaries inside a tensor (small chunks here) change nothing: trimming
+    windows, tied magnitudes and random draws carry across chunks."""
+    import workers.tensor_merge as tm
+
+    base, experts = family("llama", dtype=torch.bfloat16)
+    refs = [str(base), *map(str, experts)]
+    recipes = [ps_recipe(m, base, experts) for m in ("ties", "breadcrumbs_ties", "dare_ties", "della")]
+    whole = [logits(CandidateBuilder(refs, base=str(base)).build(r)) for r in recipes]
+    monkeypatch.setattr(tm, "CHUNK_ELEMENTS", 100)
+    chunked = CandidateBuilder(refs, base=str(base), tier="mapped")
+    for recipe, want in zip(recipes, whole):
+        assert torch.equal(logits(chunked.build(recipe)), want), recipe.merge_method

@@ -1,0 +1,188 @@
+"""Merging one output tensor: inputs in their stored dtype, arithmetic in float32 chunks.
+
+The merge engine (``evomerge merge``, exports) and the in-memory candidate builder both
+merge a tensor here, with the same chunks in the same order, so a candidate scored in
+memory and the model written to disk are equal bit for bit, whatever memory tier the
+worker's sources are in.
+
+A *chunked* method (``MergeMethod.chunked``) sees the tensor a block of rows at a time,
+each block converted to float32 in a reused workspace of ``CHUNK_ELEMENTS`` entries;
+what needs the whole tensor (a trimming threshold, an L1 norm) it finds first in
+``prepare``, also chunk by chunk. Other methods see the whole tensor in float32. Either
+way the result is rounded to the output dtype as it is written into the target, so no
+full-size float32 copy of anything is ever kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workers.memory_plan import CHUNK_ELEMENTS
+from workers.methods.base import MergeError, MergeInputs, MergeMethod
+from workers.sparsify import Workspace
+
+
+@dataclass
+class TensorInputs:
+    """One output tensor's inputs, in their stored dtype, on the compute device.
+
+    ``read_dtype`` (the recipe's ``dtype``) rounds every input to that dtype before the
+    arithmetic, as the inputs of a merge read in that dtype are. ``task_vectors`` are
+    cached task vectors in the compute dtype, used instead of subtracting when given.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    model_params: list[dict[str, Any]]
+    global_params: dict[str, Any]
+    seed: int = 0
+    model_names: list[str] = field(default_factory=list)
+    read_dtype: torch.dtype | None = None
+    task_vectors: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(self.shape)
+        first = self.base if self.base is not None else self.tensors[0]
+        self.device = first.device
+        dtypes = [t.dtype for t in ([self.base] if self.base is not None else []) + self.tensors]
+        if self.read_dtype is not None:
+            dtypes = [self.read_dtype]
+        self.compute_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+
+    # ---- geometry ------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    def chunk_rows(self, elements: int | None = None) -> Iterator[tuple[int, int]]:
+        """Blocks of whole rows (row-local methods such as DELLA need whole rows)."""
+        rows = self.rows
+        per_row = max(1, self.numel // rows) if rows else 1
+        step = max(1, (elements or CHUNK_ELEMENTS) // per_row)
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step)
+
+    def chunk_shape(self, r0: int, r1: int) -> tuple[int, ...]:
+        return (r1 - r0, *self.shape[1:]) if len(self.shape) >= 2 else self.shape
+
+    def rows_of(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return t[r0:r1] if len(self.shape) >= 2 else t
+
+    # ---- float32 views of a chunk ------------------------------------------------------
+    def _load(self, t: torch.Tensor, r0: int, r1: int, role: str, ws: Workspace) -> torch.Tensor:
+        src = self.rows_of(t, r0, r1)
+        if self.read_dtype is not None and src.dtype != self.read_dtype:
+            src = src.to(self.read_dtype)
+        return ws.get(role, self.chunk_shape(r0, r1), self.compute_dtype, self.device).copy_(src)
+
+    def base_chunk(self, r0: int, r1: int, ws: Workspace) -> torch.Tensor | None:
+        return None if self.base is None else self._load(self.base, r0, r1, "base", ws)
+
+    def input_chunk(self, i: int, r0: int, r1: int, ws: Workspace, role: str | None = None) -> torch.Tensor:
+        return self._load(self.tensors[i], r0, r1, role or f"in{i}", ws)
+
+    def task_vector_chunk(self, i: int, r0: int, r1: int, base: torch.Tensor, ws: Workspace,
+                          role: str | None = None) -> torch.Tensor:
+        """``tensors[i] - base`` for one chunk (``base``: the chunk's float32 base)."""
+        if self.task_vectors is not None:
+            out = ws.get(role or f"in{i}", self.chunk_shape(r0, r1), self.compute_dtype, self.device)
+            return out.copy_(self.rows_of(self.task_vectors[i], r0, r1))
+        return self.input_chunk(i, r0, r1, ws, role).sub_(base)
+
+    def task_vector_at(self, i: int, index: torch.Tensor) -> torch.Tensor:
+        """Entries ``index`` (flat) of task vector ``i``, in the compute dtype."""
+        index = index.to(self.device)
+        if self.task_vectors is not None:
+            return self.task_vectors[i].reshape(-1)[index]
+        assert self.base is not None
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            v = t.reshape(-1)[index]
+            if self.read_dtype is not None and v.dtype != self.read_dtype:
+                v = v.to(self.read_dtype)
+            return v.to(self.compute_dtype)
+
+        return pick(self.tensors[i]) - pick(self.base)
+
+    def whole_task_vector(self, i: int, ws: Workspace) -> torch.Tensor:
+        """Task vector ``i`` of the whole tensor (a fallback: a full-size temporary)."""
+        out = torch.empty(self.shape, dtype=self.compute_dtype, device=self.device)
+        for r0, r1 in self.chunk_rows():
+            base = self.base_chunk(r0, r1, ws)
+            assert base is not None
+            self.rows_of(out, r0, r1).copy_(self.task_vector_chunk(i, r0, r1, base, ws, "tv"))
+        return out
+
+
+def _finish(result: torch.Tensor, target: torch.Tensor, out_dtype: torch.dtype,
+            residual_scale: float | None, unit_offset: bool) -> torch.Tensor:
+    """Write ``result`` into ``target`` rounded to ``out_dtype``; its sum, for the finite check."""
+    if residual_scale is not None and residual_scale != 1:
+        from workers.merge import apply_residual_scale
+
+        result = apply_residual_scale(result, residual_scale, unit_offset)
+    if target.dtype == out_dtype:
+        target.copy_(result)
+    else:
+        target.copy_(result.to(out_dtype))
+    return result.sum(dtype=torch.float64)
+
+
+def merge_into(method: MergeMethod, inputs: TensorInputs, target: torch.Tensor, *,
+               out_dtype: torch.dtype, ws: Workspace, residual_scale: float | None = None,
+               unit_offset: bool = False) -> torch.Tensor:
+    """Merge one tensor into ``target`` (any float dtype, the shape of the output).
+
+    The result is rounded to ``out_dtype`` (the merged model's dtype) before it is
+    stored, so a float32 target holds exactly what the written model holds. Raises
+    :class:`MergeError` when the result has NaN or inf.
+    """
+    if target.shape != torch.Size(inputs.shape):
+        raise MergeError(f"tensor {inputs.name}: the target has shape {tuple(target.shape)}, "
+                         f"the merge gives {inputs.shape}")
+    total = torch.zeros((), dtype=torch.float64, device=target.device)
+    if method.chunked:
+        state = method.prepare(inputs, ws)
+        for r0, r1 in inputs.chunk_rows():
+            shape = inputs.chunk_shape(r0, r1)
+            base = inputs.base_chunk(r0, r1, ws)
+            chunk = MergeInputs(
+                name=inputs.name, base=base,
+                tensors=[inputs.input_chunk(i, r0, r1, ws) for i in range(len(inputs.tensors))]
+                if inputs.task_vectors is None else [],
+                deltas=None if inputs.task_vectors is None or base is None else [
+                    inputs.task_vector_chunk(i, r0, r1, base, ws) for i in range(len(inputs.task_vectors))],
+                model_params=inputs.model_params, global_params=inputs.global_params,
+                seed=inputs.seed, model_names=inputs.model_names, owned=True, workspace=ws,
+                out=ws.get("out", shape, inputs.compute_dtype, inputs.device), state=state,
+            )
+            result = method.merge(chunk)
+            total += _finish(result, inputs.rows_of(target, r0, r1), out_dtype, residual_scale, unit_offset)
+    else:
+        rows = inputs.rows
+        base = inputs.base_chunk(0, rows, ws)
+        tensors = [inputs.input_chunk(i, 0, rows, ws) for i in range(len(inputs.tensors))]
+        whole = MergeInputs(
+            name=inputs.name, base=base, tensors=tensors, model_params=inputs.model_params,
+            global_params=inputs.global_params, seed=inputs.seed, model_names=inputs.model_names,
+            owned=True, workspace=ws,
+        )
+        result = method.merge(whole)
+        total += _finish(result.reshape(inputs.shape), target, out_dtype, residual_scale, unit_offset)
+    if not bool(torch.isfinite(total)):
+        raise MergeError(f"the merge has NaN or inf in tensor {inputs.name}: lower the weights, or "
+                         "check the sources for NaN (evomerge refuses to write or score it)")
+    return target
