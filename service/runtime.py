@@ -109,7 +109,8 @@ def validate_stored(spec: Any, settings: Settings, paths: dict[str, str] | None 
 def worker_spec_data(validated: ValidatedStudy, settings: Settings, *,
                      heldout: bool = False, paths: dict[str, str] | None = None) -> dict[str, Any]:
     """The fields of ``workers.trial.WorkerSpec`` for this study on this server (``paths``:
-    another study's model placeholder -> its export folder, service.study_refs)."""
+    another study's model placeholder -> its export folder, service.study_refs): with the
+    memory plan validation made (``dtype``, ``tier``, ``cache_task_vectors``, ``memory_plan``)."""
     data = dict(validated.worker_spec)
     if paths:
         data["sources"] = [paths.get(s, s) for s in data["sources"]]
@@ -130,9 +131,13 @@ def pool_key(worker_spec: dict[str, Any]) -> str:
     A worker's evaluator is built once from the spec's ``evaluation``, so two studies over
     the same sources but scored differently cannot share actors (they would be scored
     with the first study's tasks); the key is therefore the full spec, not only the
-    sources (``WorkerSpec.source_key``).
+    sources (``WorkerSpec.source_key``). The memory plan's report (``memory_plan``) is left
+    out: what a worker does with memory is in ``dtype``, ``tier`` and ``cache_task_vectors``,
+    and the report's numbers (the limits it was planned with) may differ between two
+    validations of the same study.
     """
-    return json.dumps(worker_spec, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in worker_spec.items() if k != "memory_plan"}, sort_keys=True,
+                      default=str)
 
 
 def make_optimizer(validated: ValidatedStudy, space: SearchSpace, *, storage: Any,

@@ -21,6 +21,8 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workers.memory_plan import MAX_BYTES, WorkerLimits, limits_from_settings, parse_size  # torch-free
+
 DEFAULT_DATA_DIR = Path("./evomerge-data")
 ZOO_CACHE = Path("~/.cache/evomerge/zoo")
 
@@ -83,6 +85,13 @@ class Settings(BaseSettings):
         None, ge=0, description="disk budget for exports under data_dir/exports; over it, least recently "
         "used exports that are not a study's best (nor being downloaded) are evicted. None: no limit")
     export_shard_size: str = Field("5GB", description="safetensors shard size of exported models")
+    worker_device_memory: int | None = Field(
+        None, ge=1, le=MAX_BYTES, description="GPU memory of one worker ('80GB', '24GiB' or bytes); unset: "
+        "unknown at submission (each GPU worker measures its own at start). Not used by CPU workers")
+    worker_host_memory: int | None = Field(
+        None, ge=1, le=MAX_BYTES, description="host memory of one worker ('128GB', '64GiB' or bytes); unset: "
+        "this machine's memory (MemTotal, capped by its cgroup limit) shared by EVOMERGE_MAX_WORKERS local "
+        "workers, or unknown when the workers run on a Ray cluster (EVOMERGE_RAY_ADDRESS)")
 
     @field_validator("data_dir")
     @classmethod
@@ -118,6 +127,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_hub(cls, value: Any) -> Any:
         return _split_list(value, ",")
+
+    @field_validator("worker_device_memory", "worker_host_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parse_size(value)
 
     # -- checks the server runs before it binds ---------------------------------------
 
@@ -172,6 +188,13 @@ class Settings(BaseSettings):
             return None
         path = url[len("sqlite:///"):].split("?", 1)[0]
         return Path(path).expanduser().parent if path else None
+
+    def worker_limits(self) -> WorkerLimits:
+        """What one trial worker may use, as study validation plans it (workers.memory_plan)."""
+        return limits_from_settings(
+            num_gpus=self.worker_num_gpus, device_memory=self.worker_device_memory,
+            host_memory=self.worker_host_memory, remote=bool(self.ray_address),
+            workers_per_host=self.max_workers)
 
     def hub_id_allowed(self, hub_id: str) -> bool:
         """True when ``hub_id`` matches one of ``hub_allowlist`` (case-sensitive fnmatch)."""

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -354,6 +354,24 @@ class Budget(BaseModel):
         return self
 
 
+class WorkerOptions(BaseModel):
+    """How the study's workers hold the models in memory (docs/workers.md, "Memory: tiers and
+    sizing a worker"). Validation plans the memory from the models' headers and refuses a study
+    that no tier can hold."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of the candidate (the one resident model); auto: the space's "
+        "out_dtype, else the base's own dtype. Merging is done in float32 either way")
+    tier: Literal["auto", "resident", "streamed", "mapped"] = Field(
+        default="auto", description="where the sources live: resident (on the compute device), streamed "
+        "(pinned host memory, copied per tensor: GPU workers only), mapped (read through the page cache); "
+        "auto: the fastest that fits")
+    cache_task_vectors: bool = Field(
+        default=False, description="keep the float32 task vectors on the device between candidates when the "
+        "resident tier has room for them (faster; else they are formed per chunk)")
+
+
 # The complete demo study (docs/study-spec.md): per-layer TIES over the zoo's two experts.
 DEMO_EXAMPLE: dict[str, Any] = {
     "name": "zoo: xl addition by per-layer TIES",
@@ -440,6 +458,9 @@ class StudySpec(BaseModel):
         default=False, description="allow models that ship their own code; refused unless the server "
         "enables it (EVOMERGE_TRUST_REMOTE_CODE)",
     )
+    worker: WorkerOptions = Field(
+        default_factory=WorkerOptions,
+        description="the candidate's dtype and the workers' memory tier (default: planned from the models)")
 
     @field_validator("name")
     @classmethod

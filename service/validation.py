@@ -2,11 +2,13 @@
 
 ``validate_study(spec, settings)`` reads only headers (``config.json`` and safetensors
 headers, see :mod:`service.model_headers`), builds the search space from the layer counts
-it finds, checks the objectives against lm-eval's task index, and dry-runs the optimizer
-in memory. It collects every problem and raises one :class:`StudyValidationError`; on
-success it returns a :class:`ValidatedStudy` holding what the controller needs: the full
-space spec, the validated evaluation (and held-out evaluation), the optimizer spec with
-its derived fields, and the fields of a ``workers.trial.WorkerSpec``.
+it finds, checks the objectives against lm-eval's task index, dry-runs the optimizer
+in memory, and plans a worker's memory from the same headers (``workers.memory_plan``,
+torch-free: a study that no worker can hold is refused). It collects every problem and
+raises one :class:`StudyValidationError`; on success it returns a :class:`ValidatedStudy`
+holding what the controller needs: the full space spec, the validated evaluation (and
+held-out evaluation), the optimizer spec with its derived fields, the memory plan, and
+the fields of a ``workers.trial.WorkerSpec``.
 
 Heavy imports: none, except that checking lm-eval tasks imports ``lm_eval.tasks`` (not
 torch or transformers) the first time, in :func:`check_evaluation` — the one place it
@@ -47,6 +49,18 @@ from service.spec import (
     problems_from_pydantic,
 )
 from service.spec_limits import MAX_TASK_DIRS
+from workers.memory_plan import (  # torch-free
+    MAX_EVAL_TOKENS,
+    DoesNotFit,
+    MemoryPlan,
+    WorkerLimits,
+    dtype_name,
+    eval_facts,
+    facts_from_tensors,
+    limits_from_settings,
+    plan_json,
+    plan_memory,
+)
 
 Loc = list[Union[str, int]]
 StudyResolver = Callable[[StudyRef], Union[str, Path]]
@@ -95,6 +109,9 @@ class ValidatedStudy(BaseModel):
     study_refs: list[StudyRef] = Field(description="other studies' models the controller must resolve")
     trust_remote_code: bool = False
     worker_spec: dict[str, Any] = Field(description="fields of workers.trial.WorkerSpec")
+    memory_plan: dict[str, Any] | None = Field(
+        default=None, description="a worker's memory plan (workers.memory_plan.MemoryPlan as JSON): its "
+        "tier, what it needs on the device and the host, and why the other tiers do or do not fit")
     warnings: list[str] = Field(default_factory=list, description="accepted, but worth a look")
 
     def build_space(self) -> SearchSpace:
@@ -731,10 +748,11 @@ def validate_study(spec: StudySpec | Mapping[str, Any], settings: SettingsLike, 
     if evaluation is not None:
         heldout = _heldout(spec, evaluation, problems)
     optimizer = _optimizer(spec, len(spec.evaluation.objectives), models.space, models.aliases, problems)
+    plan = _memory_plan(spec, models, settings, problems) if models.space is not None else None
 
     if problems.items:
         raise StudyValidationError(sorted(problems.items, key=_spec_order))
-    assert models.space is not None and evaluation is not None and optimizer is not None
+    assert models.space is not None and evaluation is not None and optimizer is not None and plan is not None
     return ValidatedStudy(
         spec=spec,
         space_spec=models.space.spec.model_dump(mode="json"),
@@ -748,7 +766,8 @@ def validate_study(spec: StudySpec | Mapping[str, Any], settings: SettingsLike, 
         study_refs=list(dict.fromkeys(m.spec_ref for m in models.resolved
                                       if isinstance(m.spec_ref, StudyRef))),
         trust_remote_code=spec.trust_remote_code,
-        worker_spec=_worker_spec(spec, models, evaluation),
+        worker_spec=_worker_spec(spec, models, evaluation, plan),
+        memory_plan=plan_json(plan),
         warnings=[*models.warnings, *_budget_warnings(spec, models.space)],
     )
 
@@ -817,21 +836,106 @@ def _tokenizer_ref(models: _Models) -> str | None:
     return owner.info.ref if owner is not None else None
 
 
-def _worker_spec(spec: StudySpec, models: _Models, evaluation: EvaluationSpec) -> dict[str, Any]:
-    """The fields of ``workers.trial.WorkerSpec``. A parameter space computes task vectors against
-    its base; stacking needs none (its base only lends embeddings and head)."""
+def _worker_refs(spec: StudySpec, models: _Models) -> tuple[list[str], str | None]:
+    """(every model a worker loads, the base first; the base of the task vectors). A parameter
+    space computes task vectors against its base; stacking needs none (its base only lends
+    embeddings and head)."""
     base = models.base.info.ref if models.base is not None else None
     task_vector_base = base if spec.space.kind == "parameter" else None  # type: ignore[union-attr]
     refs = list(dict.fromkeys(m.info.ref for m in models.resolved))
     if task_vector_base is not None:
         refs = [task_vector_base, *(r for r in refs if r != task_vector_base)]
+    return refs, task_vector_base
+
+
+def _worker_spec(spec: StudySpec, models: _Models, evaluation: EvaluationSpec,
+                 plan: MemoryPlan) -> dict[str, Any]:
+    """The fields of ``workers.trial.WorkerSpec``: the models, the evaluation, and the memory plan
+    (``dtype`` and ``tier`` as the spec gives them: a worker resolves auto as the plan did, with its
+    own resources; the API's plan goes along for the record)."""
+    refs, task_vector_base = _worker_refs(spec, models)
+    stacking = spec.space.kind == "stacking"  # type: ignore[union-attr]
+    depth = getattr(getattr(models.space, "spec", None), "depth_bounds", None)
     return {
         "sources": refs,
         "base_model": task_vector_base,
         "evaluation": evaluation.model_dump(mode="json"),
         "tokenizer": _tokenizer_ref(models),
         "multi_objective": spec.multi_objective,
+        "dtype": spec.worker.dtype,
+        "tier": spec.worker.tier,
+        "cache_task_vectors": spec.worker.cache_task_vectors,
+        "method": "passthrough" if stacking else str(models.space.spec.method),  # type: ignore[union-attr]
+        "stacking_layers": int(depth[1]) if stacking and depth else None,
+        "memory_plan": plan_json(plan),
     }
+
+
+# ---- memory ----------------------------------------------------------------------------
+def worker_limits(settings: SettingsLike) -> WorkerLimits:
+    """What one worker may use: the server's ``worker_limits()``, or for a stand-in settings
+    object the same rule over its attributes (a CPU worker on this machine by default)."""
+    own = getattr(settings, "worker_limits", None)
+    if callable(own):
+        return own()
+    return limits_from_settings(
+        num_gpus=float(getattr(settings, "worker_num_gpus", 0.0) or 0.0),
+        device_memory=getattr(settings, "worker_device_memory", None),
+        host_memory=getattr(settings, "worker_host_memory", None),
+        remote=bool(getattr(settings, "ray_address", None)),
+        workers_per_host=int(getattr(settings, "max_workers", 1) or 1))
+
+
+def _eval_tokens(evaluation: EvaluationSpec) -> int | None:
+    """The padded length of an evaluation batch, where the evaluation's options say it."""
+    options = evaluation.options if isinstance(evaluation.options, Mapping) else {}
+    hflm = options.get("hflm_args")
+    for value in (options.get("max_length"), hflm.get("max_length") if isinstance(hflm, Mapping) else None):
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_EVAL_TOKENS:
+            return value
+    return None
+
+
+def _plan_dtype(spec: StudySpec) -> str:
+    """The candidate's dtype as the plan takes it: worker.dtype, or for auto what the worker makes
+    of auto (workers.candidate): the space's out_dtype, else the base's own dtype."""
+    if spec.worker.dtype != "auto":
+        return spec.worker.dtype
+    return dtype_name(str(getattr(spec.space, "out_dtype", None) or "")) or "auto"
+
+
+def _memory_plan(spec: StudySpec, models: _Models, settings: SettingsLike,
+                 problems: _Problems) -> MemoryPlan | None:
+    """The memory plan of one worker, from the headers already read; a study that no tier (or not
+    the tier asked for) can hold is a ``does_not_fit`` problem at ``worker``."""
+    assert models.space is not None
+    refs, task_vector_base = _worker_refs(spec, models)
+    by_ref = {m.info.ref: m for m in models.resolved}
+    facts = [facts_from_tensors(ref, ((n, h.shape, h.dtype) for n, h in by_ref[ref].headers.tensors.items()),
+                                by_ref[ref].headers.config) for ref in refs]
+    stacking = spec.space.kind == "stacking"  # type: ignore[union-attr]
+    owner = task_vector_base
+    if stacking:
+        owner = models.base.info.ref if models.base is not None else refs[0]
+    elif owner is None:
+        owner = refs[0]
+    depth = getattr(getattr(models.space, "spec", None), "depth_bounds", None)
+    config = by_ref[owner].headers.config
+    try:
+        return plan_memory(
+            sources=facts, base=owner if stacking else task_vector_base,
+            method="passthrough" if stacking else str(models.space.spec.method),  # type: ignore[attr-defined]
+            stacking_layers=int(depth[1]) if stacking and depth else None,
+            candidate_dtype=_plan_dtype(spec), limits=worker_limits(settings),
+            evaluation=eval_facts(config, spec.evaluation.batch_size, _eval_tokens(spec.evaluation)),
+            tier=spec.worker.tier, cache_task_vectors=spec.worker.cache_task_vectors)
+    except DoesNotFit as err:
+        problems.add(["worker"], err.msg, err.fix, "does_not_fit")
+    except ValueError as err:  # headers the planner cannot size (every number it reads is bounded)
+        problems.add(["worker"], f"the workers' memory cannot be planned: {err}",
+                     "check the models' headers (config.json and safetensors); the message names what is "
+                     "out of bounds", "memory_plan_invalid")
+    return None
 
 
 def _spec_order(p: Problem) -> tuple[int, int]:

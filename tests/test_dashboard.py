@@ -432,6 +432,10 @@ def test_parameter_study_heatmap_slider_and_baselines(service, browser):
     params = wait_for(browser, lambda d: attrs(d, "#recipe-host svg.heatmap", "data-parameter"),
                       what="the heatmaps")
     assert {"weight", "density"} <= set(params)
+    # the workers' memory plan, as validation made it (a CPU worker: the tiny models are resident)
+    assert attr(browser, "#study-memory", "data-tier") == "resident"
+    memory = text(browser, "#study-memory")
+    assert " on cpu · " in memory and "per candidate" in memory
     with service.client() as c:
         view = c.get(f"/studies/{sid}/trials/{study['best_trial_number']}/view").json()
     assert len(params) == len(view["panels"])  # one heatmap per panel of the best recipe

@@ -231,10 +231,12 @@ def test_unknown_method_suggests_close_names():
 # ---- selection --------------------------------------------------------------------------
 def chunked_window(delta: torch.Tensor, start: int, count: int, chunk: int = 70_001) -> torch.Tensor:
     """The window found and applied a chunk at a time, as the merge engine does."""
-    from workers.sparsify import WindowSearch
+    from workers.sparsify import SAMPLE_SIZE, WindowSearch
 
     flat = delta.reshape(-1)
-    search = WindowSearch(flat.numel(), start, count, lambda idx: flat[idx].abs())
+    g = torch.Generator().manual_seed(flat.numel())
+    sample = torch.sort(flat[torch.randint(flat.numel(), (SAMPLE_SIZE,), generator=g)].abs()).values
+    search = WindowSearch(flat.numel(), start, count, lambda: sample)
     pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
     for piece in pieces:
         search.observe(piece.abs())

@@ -68,7 +68,9 @@ class CandidateBuilder:
         self.models = {ref: LazyModel(ref) for ref in self.refs}
         self.sources: Sources = open_sources(tier, self.models, self.device)
         self.cache_task_vectors = cache_task_vectors
-        self.task_vectors: dict[tuple[Key, Key], torch.Tensor] = {}
+        self.task_vectors: dict[tuple, torch.Tensor] = {}
+        # each task vector's sorted magnitude sample (256 KB), for trimming thresholds
+        self.samples: dict[tuple, torch.Tensor] = {}
         self.timings = BuildTimings()
         self.workspace = Workspace()
         self._resident: torch.nn.Module | None = None
@@ -82,6 +84,7 @@ class CandidateBuilder:
             "sources_device": held["device"],
             "sources_host": held["host"],
             "task_vectors": size(self.task_vectors.values()),
+            "magnitude_samples": size(self.samples.values()),
             "candidate": size(self._resident.parameters()) if self._resident is not None else 0,
             "scratch": self.workspace.nbytes(),
         }
@@ -138,7 +141,8 @@ class CandidateBuilder:
             tensors=[self.sources.get(k) for k in keys], model_params=task.model_params,
             global_params=task.global_params, seed=plan.recipe.seed,
             model_names=[s.model for s in task.inputs], read_dtype=plan.read_dtype,
-            task_vectors=cached,
+            task_vectors=cached, samples=self.samples,
+            sample_keys=[(k, base_key, plan.read_dtype) for k in keys],
         )
 
     def _task_vector(self, plan: MergePlan, task: TensorTask, key: Key, base_key: Key) -> torch.Tensor:

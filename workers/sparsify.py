@@ -15,6 +15,7 @@ the same buffers instead of paying fresh allocations (and their page faults).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ class Workspace:
 _FRESH = Workspace(reuse=False)
 
 
-_SAMPLE = 1 << 16
+SAMPLE_SIZE = 1 << 16
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,12 +70,12 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     selected exactly. Falls back to a full selection when the bracket misses.
     """
     n = mag.numel()
-    if n <= 4 * _SAMPLE:
+    if n <= 4 * SAMPLE_SIZE:
         return torch.kthvalue(mag, n - k + 1).values
     g = torch.Generator(device="cpu").manual_seed(n)
-    sample = mag[torch.randint(n, (_SAMPLE,), generator=g).to(mag.device)].float()
+    sample = mag[torch.randint(n, (SAMPLE_SIZE,), generator=g).to(mag.device)].float()
     keep = k / n
-    margin = 5.0 * (keep * (1 - keep) / _SAMPLE) ** 0.5 + 1.0 / _SAMPLE
+    margin = 5.0 * (keep * (1 - keep) / SAMPLE_SIZE) ** 0.5 + 1.0 / SAMPLE_SIZE
     qs = torch.tensor([max(0.0, 1 - keep - margin), min(1.0, 1 - keep + margin)], device=sample.device)
     lo, hi = (v.to(mag.dtype) for v in torch.quantile(sample, qs))
     above = int((mag > hi).sum())
@@ -132,14 +133,35 @@ def row_ranks(rows: torch.Tensor) -> torch.Tensor:
 
 # ---- trimming a tensor merged in chunks ------------------------------------------------
 @dataclass
+class _Edge:
+    """Entries tied at one edge value of a window, and which of them the window keeps.
+
+    The tied entries, in position order, have ordinals 0, 1, …; the window keeps those
+    in ``[first, last)``. ``rules[j]`` says what chunk ``j`` does with its ties: keep
+    them all, drop them all, or (at most a couple of chunks) pick by ordinal, starting
+    from ``offsets[j]``.
+    """
+
+    value: torch.Tensor
+    first: int
+    last: int
+    rules: list[str]
+    offsets: list[int]
+    at_lo: bool = True  # the window's lower edge (``lo``)
+    at_hi: bool = False  # its upper edge (``hi``); both when they are equal
+
+
+@dataclass
 class Window:
     """The entries whose magnitude rank lies in ``[start, start + count)``: rank 0 is the
     largest magnitude, and equal magnitudes are ranked by position, first first (the
     order :func:`rank_window_mask` uses).
 
     Found from the whole tensor by :class:`WindowSearch`, then applied chunk by chunk,
-    in order: the ranks of entries tied at an edge value are counted across chunks, so
-    the chunked mask equals the whole tensor's mask exactly.
+    in the same order and with the same chunks: where entries tied at an edge value
+    straddle the window's boundary, the search counted each chunk's ties, so each chunk
+    knows whether it keeps its ties, drops them, or picks some by position. The
+    chunked mask equals the whole tensor's mask exactly.
     """
 
     start: int
@@ -147,69 +169,70 @@ class Window:
     n: int
     lo: torch.Tensor | None = None  # the (start + count)-th largest magnitude
     hi: torch.Tensor | None = None  # the (start + 1)-th largest (start > 0)
-    edges: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (value, entries above it)
-    _seen: list[int] = field(default_factory=list)
+    edges: list[_Edge] = field(default_factory=list)
+    _chunk: int = 0
 
     def reset(self) -> None:
-        """Start counting tied entries again (before another pass over the chunks)."""
-        self._seen = [0] * len(self.edges)
+        """Back to the first chunk (before another pass over the chunks)."""
+        self._chunk = 0
 
     def mask(self, mag: torch.Tensor, ws: Workspace = _FRESH) -> torch.Tensor:
-        """Mask (1.0 kept / 0.0 dropped) of one chunk's magnitudes; chunks in order."""
+        """Mask (1.0 kept / 0.0 dropped) of the next chunk's magnitudes."""
+        j = self._chunk
+        self._chunk += 1
         out = ws.get("mask", mag)
         if self.count <= 0:
             return out.zero_()
         if self.lo is None:
             return out.fill_(1)
-        torch.ge(mag, self.lo, out=out)
+        dropped = [e for e in self.edges if e.rules[j] == "drop"]
+        lo_strict = any(e.at_lo for e in dropped)
+        (torch.gt if lo_strict else torch.ge)(mag, self.lo, out=out)
         if self.hi is not None:
-            out.mul_(torch.le(mag, self.hi, out=ws.get("mask2", mag)))
-        if not self.edges:
+            hi_strict = any(e.at_hi for e in dropped)
+            out.mul_((torch.lt if hi_strict else torch.le)(mag, self.hi, out=ws.get("mask2", mag)))
+        fixes = [e for e in self.edges if e.rules[j] == "pick"]
+        if not fixes:
             return out
         flat, flat_mag = out.view(-1), mag.view(-1)
         scratch = ws.get("mask2", mag).view(-1)
-        end = self.start + self.count
-        for e, (value, above) in enumerate(self.edges):
-            ties = torch.nonzero(torch.eq(flat_mag, value, out=scratch)).squeeze(1)
-            if ties.numel() == 0:
-                continue
-            first = above + self._seen[e]
-            ranks = torch.arange(first, first + ties.numel(), device=ties.device)
-            flat[ties] = ((ranks >= self.start) & (ranks < end)).to(flat.dtype)
-            self._seen[e] += ties.numel()
+        for e in fixes:
+            ties = torch.nonzero(torch.eq(flat_mag, e.value, out=scratch)).squeeze(1)
+            first = e.offsets[j]
+            ordinals = torch.arange(first, first + ties.numel(), device=ties.device)
+            flat[ties] = ((ordinals >= e.first) & (ordinals < e.last)).to(flat.dtype)
         return out
 
 
 class WindowSearch:
     """Finds a :class:`Window`'s edge values exactly, without sorting or storing the
-    magnitudes: a fixed-seed sample of the whole tensor brackets each edge, one pass
-    over the chunks counts the entries above the bracket and keeps those inside it, and
-    an exact selection inside the bracket finishes. Call :meth:`observe` with every
-    chunk's magnitudes in order, then :meth:`finish`.
+    magnitudes.
+
+    A sorted fixed-seed sample of the tensor's magnitudes (``sample()``, which a worker
+    computes once per task vector and keeps: 256 KB) brackets each edge; one pass over
+    the chunks counts the entries above the bracket and keeps those inside it (about
+    2 % of them); an exact selection inside the bracket finishes. Call :meth:`observe`
+    with every chunk's magnitudes in order, then :meth:`finish`.
     """
 
     def __init__(self, n: int, start: int, count: int,
-                 sample: Callable[[torch.Tensor], torch.Tensor]):
+                 sample: Callable[[], torch.Tensor] | None = None):
         self.n, self.start, self.count = n, start, count
         self.targets = [] if count <= 0 or (count >= n and start == 0) else (
             [start + count] + ([start + 1] if start > 0 else []))
-        self.brackets: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        small = n <= 4 * SAMPLE_SIZE or sample is None
+        self.brackets = [(None, None) if small else self._bracket(k, sample()) for k in self.targets]
         self.above = [0] * len(self.targets)
         self.bands: list[list[torch.Tensor]] = [[] for _ in self.targets]
-        for k in self.targets:
-            self.brackets.append(self._bracket(k, sample))
+        self.sizes: list[int] = []
 
-    def _bracket(self, k: int, sample: Callable[[torch.Tensor], torch.Tensor]):
-        n = self.n
-        if n <= 4 * _SAMPLE:
-            return None, None  # small: every value is in the band
-        g = torch.Generator(device="cpu").manual_seed(n)
-        values = sample(torch.randint(n, (_SAMPLE,), generator=g)).float()
-        keep = k / n
-        margin = 5.0 * (keep * (1 - keep) / _SAMPLE) ** 0.5 + 1.0 / _SAMPLE
-        qs = torch.tensor([max(0.0, 1 - keep - margin), min(1.0, 1 - keep + margin)], device=values.device)
-        lo, hi = torch.quantile(values, qs)
-        return lo, hi
+    def _bracket(self, k: int, sorted_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = sorted_sample.numel()
+        keep = k / self.n
+        margin = 5.0 * (keep * (1 - keep) / size) ** 0.5 + 1.0 / size
+        lo = max(0, math.floor((1 - keep - margin) * (size - 1)))
+        hi = min(size - 1, math.ceil((1 - keep + margin) * (size - 1)))
+        return sorted_sample[lo], sorted_sample[hi]
 
     @property
     def needed(self) -> bool:
@@ -217,12 +240,16 @@ class WindowSearch:
 
     def observe(self, mag: torch.Tensor) -> None:
         flat = mag.reshape(-1)
+        self.sizes.append(flat.numel())
         for t, (lo, hi) in enumerate(self.brackets):
-            if lo is None:
+            if lo is None or hi is None:
                 self.bands[t].append(flat.clone())
                 continue
-            self.above[t] += int(torch.count_nonzero(flat > hi.to(flat.dtype)))
-            self.bands[t].append(flat[(flat >= lo.to(flat.dtype)) & (flat <= hi.to(flat.dtype))])
+            at_least = flat >= lo.to(flat.dtype)
+            inside = at_least & (flat <= hi.to(flat.dtype))
+            band = flat[inside]
+            self.above[t] += int(torch.count_nonzero(at_least)) - band.numel()
+            self.bands[t].append(band)
 
     def finish(self, whole: Callable[[], torch.Tensor]) -> Window:
         """The window; ``whole()`` gives every magnitude, flat, if a bracket missed."""
@@ -230,7 +257,7 @@ class WindowSearch:
         if not self.targets:
             window.count = min(self.count, self.n) if self.count > 0 else 0
             return window
-        found: list[tuple[torch.Tensor, int, int]] = []  # (value, above, equal)
+        found: list[tuple[torch.Tensor, int, int, list[int]]] = []  # value, above, equal, per chunk
         full: torch.Tensor | None = None
         for t, k in enumerate(self.targets):
             band = torch.cat(self.bands[t]) if self.bands[t] else torch.empty(0)
@@ -238,29 +265,36 @@ class WindowSearch:
             if 1 <= need <= band.numel():
                 value = torch.kthvalue(band, band.numel() - need + 1).values
                 above = self.above[t] + int(torch.count_nonzero(band > value))
-                equal = int(torch.count_nonzero(band == value))
+                per_chunk = [int(torch.count_nonzero(piece == value)) for piece in self.bands[t]]
             else:  # the sample's bracket missed: select from every magnitude
                 full = whole() if full is None else full
                 value = torch.kthvalue(full, self.n - k + 1).values
                 above = int(torch.count_nonzero(full > value))
-                equal = int(torch.count_nonzero(full == value))
-            found.append((value, above, equal))
+                per_chunk = [int(torch.count_nonzero(piece == value))
+                             for piece in torch.split(full, self.sizes)]
+            found.append((value, above, sum(per_chunk), per_chunk))
         self.bands = []
-        end = self.start + self.count
-        (lo, lo_above, lo_equal) = found[0]
-        window.lo = lo
-        edges = []
-        if lo_above < self.start or lo_above + lo_equal > end:
-            edges.append((lo, lo_above))
+        window.lo = found[0][0]
         if self.start > 0:
-            hi, hi_above, hi_equal = found[1]
-            window.hi = hi
-            if not bool(hi == lo) and (hi_above < self.start or hi_above + hi_equal > end):
-                edges.append((hi, hi_above))
-            elif bool(hi == lo) and not edges and (hi_above < self.start or hi_above + hi_equal > end):
-                edges.append((lo, lo_above))
-        window.edges = edges
-        window.reset()
+            window.hi = found[1][0]
+        same = self.start > 0 and bool(found[1][0] == found[0][0])
+        edges = [(found[0], True, same)] + ([(found[1], False, True)] if self.start > 0 and not same else [])
+        end = self.start + self.count
+        for (value, above, equal, per_chunk), at_lo, at_hi in edges:
+            first, last = max(0, self.start - above), min(equal, end - above)
+            if first == 0 and last == equal:
+                continue  # every tie is inside the window: ``>=`` / ``<=`` keep them
+            rules, offsets, seen = [], [], 0
+            for c in per_chunk:
+                offsets.append(seen)
+                if c == 0 or (seen >= first and seen + c <= last):
+                    rules.append("keep")
+                elif seen + c <= first or seen >= last:
+                    rules.append("drop")
+                else:
+                    rules.append("pick")
+                seen += c
+            window.edges.append(_Edge(value, first, last, rules, offsets, at_lo, at_hi))
         return window
 
 
@@ -295,8 +329,8 @@ class Sparsifier:
             return cls("zero")
         sp = cls(kind, density, rescale)
 
-        def sample(index: torch.Tensor) -> torch.Tensor:
-            return inputs.task_vector_at(i, index).abs()
+        def sample() -> torch.Tensor:
+            return inputs.magnitude_sample(i)
 
         if kind == "magnitude":
             sp.search = WindowSearch(n, 0, max(1, int(density * n)), sample)

@@ -45,6 +45,10 @@ class TensorInputs:
     model_names: list[str] = field(default_factory=list)
     read_dtype: torch.dtype | None = None
     task_vectors: list[torch.Tensor] | None = None
+    # where a worker keeps each task vector's sorted magnitude sample across candidates
+    samples: dict | None = None
+    sample_keys: list | None = None
+    chunk_elements: int | None = None  # default: CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
         self.shape = tuple(self.shape)
@@ -71,7 +75,7 @@ class TensorInputs:
         """Blocks of whole rows (row-local methods such as DELLA need whole rows)."""
         rows = self.rows
         per_row = max(1, self.numel // rows) if rows else 1
-        step = max(1, (elements or CHUNK_ELEMENTS) // per_row)
+        step = max(1, (elements or self.chunk_elements or CHUNK_ELEMENTS) // per_row)
         for r0 in range(0, rows, step):
             yield r0, min(rows, r0 + step)
 
@@ -116,6 +120,21 @@ class TensorInputs:
             return v.to(self.compute_dtype)
 
         return pick(self.tensors[i]) - pick(self.base)
+
+    def magnitude_sample(self, i: int) -> torch.Tensor:
+        """A sorted fixed-seed sample of task vector ``i``'s magnitudes (it brackets a
+        trimming threshold); kept in ``samples`` when the caller gives one."""
+        key = self.sample_keys[i] if self.sample_keys is not None else None
+        if self.samples is not None and key in self.samples:
+            return self.samples[key]
+        from workers.sparsify import SAMPLE_SIZE
+
+        g = torch.Generator(device="cpu").manual_seed(self.numel)
+        index = torch.randint(self.numel, (SAMPLE_SIZE,), generator=g)
+        sample = torch.sort(self.task_vector_at(i, index).abs().float()).values
+        if self.samples is not None:
+            self.samples[key] = sample
+        return sample
 
     def whole_task_vector(self, i: int, ws: Workspace) -> torch.Tensor:
         """Task vector ``i`` of the whole tensor (a fallback: a full-size temporary)."""

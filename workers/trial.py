@@ -29,6 +29,16 @@ class WorkerSpec(BaseModel):
     threads: int = Field(default=1, ge=1, description="torch threads (1 is fastest for tiny models)")
     tokenizer: str | None = Field(default=None, description="tokenizer source (default: the base)")
     multi_objective: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="the candidate's dtype (auto: the merged model's own)")
+    tier: Literal["auto", "resident", "streamed", "mapped"] = Field(
+        default="auto", description="where the sources live (auto: the worker plans it)")
+    cache_task_vectors: bool = False
+    method: str | None = Field(default=None, max_length=64, description="the merge method (for the plan)")
+    stacking_layers: int | None = Field(default=None, ge=1, le=4096,
+                                        description="a stacking space's most layers (for the plan)")
+    memory_plan: dict[str, Any] | None = Field(default=None,
+                                               description="the API's plan (workers.memory_plan)")
 
     def source_key(self) -> tuple[str, ...]:
         """Workers are reused across trials of any study with the same sources."""
@@ -66,6 +76,47 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def worker_plan(spec: WorkerSpec):
+    """This worker's memory plan, from its own resources (``workers.memory_plan``).
+
+    The API planned the study with the limits it knew (settings, or this machine's);
+    the worker plans again with what it has, keeping a tier the study forced. Raises
+    ``DoesNotFit`` (the trial fails with the numbers and the fix) when it cannot.
+    """
+    from workers.memory_plan import (
+        EvalFacts,
+        WorkerLimits,
+        detect_local_limits,
+        eval_facts,
+        facts_from_tensors,
+        plan_memory,
+    )
+    from workers.model_io import LazyModel, dtype_name
+
+    refs = ([spec.base_model] if spec.base_model else []) + list(spec.sources)
+    models = [LazyModel(ref) for ref in dict.fromkeys(refs)]
+    facts = [facts_from_tensors(m.ref, ((i.name, i.shape, dtype_name(i.dtype)) for i in m.tensors.values()),
+                                m.config) for m in models]
+    for m in models:
+        m.close()
+    device = "cuda" if spec.device.startswith("cuda") else "cpu"
+    limits: WorkerLimits = detect_local_limits(device)
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(spec.device))
+        limits = WorkerLimits(device="cuda", device_bytes=int(free), host_bytes=limits.host_bytes)
+    evaluation: EvalFacts | None = None
+    batch = getattr(spec.evaluation, "batch_size", None)
+    if isinstance(batch, int):
+        evaluation = eval_facts(models[0].config, batch, None)
+    method = spec.method or ("passthrough" if spec.base_model is None else "ties")
+    return plan_memory(sources=facts, base=spec.base_model, method=method,
+                       stacking_layers=spec.stacking_layers if method == "passthrough" else None,
+                       candidate_dtype=spec.dtype, limits=limits, evaluation=evaluation,
+                       tier=spec.tier, cache_task_vectors=spec.cache_task_vectors)
+
+
 class TrialRunner:
     """Holds a study's sources, a resident candidate and an evaluator, for many trials."""
 
@@ -77,8 +128,11 @@ class TrialRunner:
 
         self.spec = WorkerSpec.model_validate(spec)
         torch.set_num_threads(self.spec.threads)
+        self.plan = worker_plan(self.spec)
         self.builder = CandidateBuilder(self.spec.sources, base=self.spec.base_model,
-                                        device=self.spec.device)
+                                        device=self.spec.device, tier=self.plan.tier,
+                                        dtype=self.spec.dtype,
+                                        cache_task_vectors=self.plan.cache_task_vectors)
         self.evaluator = registry.create(self.spec.evaluation)
         self._tokenizer = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"

@@ -85,13 +85,22 @@ class StudyOut(BaseModel):
                           "on a full disk), and what to do; None while all is well")
     warnings: list[str] = Field(default_factory=list, description="accepted at submission, but worth a look")
     spec: dict[str, Any] = Field(description="the study spec as submitted (docs/study-spec.md)")
+    memory_plan: Union[dict[str, Any], None] = Field(
+        None, description="what one worker needs, as validation planned it from the models' headers: `tier` "
+        "(resident, streamed or mapped), `device_bytes`, `host_bytes`, `page_cache_bytes`, "
+        "`moved_bytes_per_candidate`, `breakdown`, `limits`, `tiers` (each tier's needs and why it does or "
+        "does not fit), `notes` (docs/workers.md, \"Memory: tiers and sizing a worker\"); None for a study "
+        "stored before plans existed")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "a1b2c3d4e5f6", "name": "zoo: xl addition by per-layer TIES", "status": "running",
         "owner": "alice", "created_at": _NOW, "updated_at": _NOW, "trials_done": 42, "trials_failed": 0,
         "max_trials": 300, "max_seconds": 3600.0, "elapsed_seconds": 512.3, "best_trial_number": 37,
         "best_value": 0.61, "error": None, "warnings": [],
-        "spec": {"name": "zoo: xl addition by per-layer TIES", "budget": {"max_trials": 300}}}]})
+        "spec": {"name": "zoo: xl addition by per-layer TIES", "budget": {"max_trials": 300}},
+        "memory_plan": {"tier": "resident", "device": "cpu", "candidate_dtype": "float32",
+                        "device_bytes": 2_400_000, "host_bytes": 0, "page_cache_bytes": 0,
+                        "moved_bytes_per_candidate": 1_100_000, "cache_task_vectors": False}}]})
 
     @classmethod
     def of(cls, study: Study) -> StudyOut:
@@ -106,6 +115,7 @@ class StudyOut(BaseModel):
             elapsed_seconds=study.elapsed_seconds or 0.0, best_trial_number=study.best_trial_number,
             best_value=study.best_value, error=study.error, multi_objective=bool(spec.get("multi_objective")),
             warnings=list(stored.get("warnings") or []), spec=spec,
+            memory_plan=stored.get("memory_plan") if isinstance(stored.get("memory_plan"), dict) else None,
         )
 
 

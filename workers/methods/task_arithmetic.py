@@ -155,7 +155,7 @@ def _whole(inputs: MergeInputs) -> TensorInputs:
         name=inputs.name, shape=tuple(inputs.base.shape), base=inputs.base,
         tensors=list(inputs.tensors), model_params=inputs.model_params,
         global_params=inputs.global_params, seed=inputs.seed, model_names=inputs.model_names,
-        task_vectors=inputs.deltas,
+        task_vectors=inputs.deltas, chunk_elements=inputs.base.numel() or 1,
     )
 
 

@@ -91,6 +91,21 @@ export function mountStudy(root, params, nav) {
     return s.status === "running" ? s.elapsed_seconds + (Date.now() - st.receivedAt) / 1000 : s.elapsed_seconds;
   }
 
+  // decimal GB with one decimal, as the plan's own messages (workers.memory_plan.gb)
+  function gb(n) {
+    return typeof n === "number" ? `${(n / 1e9).toFixed(1)} GB` : "—";
+  }
+
+  // A worker's memory plan in one line; its notes and the other tiers in the tooltip.
+  function memoryText(plan) {
+    const tiers = Object.entries(plan.tiers || {}).map(([name, t]) => `${name}: ${t.fits ? "fits" : t.why_not}`);
+    const title = [...tiers, ...(plan.notes || [])].join("\n");
+    return h("span", { id: "study-memory", title, dataset: { tier: plan.tier } },
+      h("strong", {}, plan.tier), ` · ${gb(plan.device_bytes)} on ${plan.device} · ${gb(plan.host_bytes)} host · `
+      + `moves ${gb(plan.moved_bytes_per_candidate)} per candidate`
+      + (plan.cache_task_vectors ? " · task vectors cached" : ""));
+  }
+
   function renderHead() {
     const s = st.study;
     const spec = s.spec || {};
@@ -121,6 +136,7 @@ export function mountStudy(root, params, nav) {
       ["objectives", objectiveNames(spec).join(", ") + (s.multi_objective ? " (multi-objective)" : "")],
       ["evaluator", ev.evaluator || "lm_eval"],
       ["optimizer", `${(spec.optimizer || {}).name || "optuna-cmaes"} · parallelism ${spec.parallelism ?? 1} · seed ${spec.seed ?? 0}`],
+      s.memory_plan ? ["memory", memoryText(s.memory_plan)] : null,
       ["owner", s.owner || "—"],
       ["created", timeAgo(s.created_at)],
       ["id", h("span", { class: "mono" }, s.id)],
