@@ -151,3 +151,25 @@ def test_tensors_larger_than_a_chunk_merge_exactly(family, tmp_path, monkeypatch
     chunked = CandidateBuilder(refs, base=str(base), tier="mapped")
     for recipe, want in zip(recipes, whole):
         assert torch.equal(logits(chunked.build(recipe)), want), recipe.merge_method
+
+
+def test_large_tensors_use_the_histogram_and_still_merge_exactly(tmp_path_factory):
+    """Tensors above 262,144 entries find their trimming thresholds through the exact
+    magnitude histogram (bins of one value read off it; others gathered from the
+    chunks): still the engine's masks, in every tier."""
+    from workers.model_io import LazyModel
+    from workers.synthetic import make_family
+
+    for noise in (0.02, 0.0005):  # small noise: bf16 task vectors of few values, huge ties
+        root = tmp_path_factory.mktemp("wide")
+        base, experts = make_family("llama", root, 2, dtype=torch.bfloat16, hidden=512, layers=1,
+                                    intermediate=1024, heads=8, noise=noise)
+        refs = [str(base), *map(str, experts)]
+        assert max(i.shape[0] * i.shape[-1] for i in LazyModel(str(base)).tensors.values()) > 262_144
+        builders = [CandidateBuilder(refs, base=str(base), tier=t) for t in ("resident", "mapped")]
+        for method in ("ties", "breadcrumbs_ties", "dare_ties", "della", "task_arithmetic"):
+            recipe = ps_recipe(method, base, experts)
+            want = disk_logits(recipe, root / method, torch.bfloat16)
+            for builder in builders:
+                for _ in range(2):  # the second time with the histograms kept from the first
+                    assert torch.equal(logits(builder.build(recipe)), want), (noise, method, builder.tier)

@@ -178,7 +178,7 @@ def test_the_worked_example_three_7b_bf16_on_one_80gb_gpu_is_streamed():
     assert p.device_bytes - b["evaluation"] <= 1.45 * one
     assert p.device_bytes <= 80 * GB
     assert p.moved_bytes_per_candidate == 3 * one + one + 3 * one  # read, written, copied from the host
-    assert round(p.device_bytes / GB, 1) == 73.0 and round(p.host_bytes / GB, 1) == 45.7
+    assert round(p.device_bytes / GB, 1) == 73.1 and round(p.host_bytes / GB, 1) == 45.7
 
 
 def test_mapped_when_the_host_cannot_hold_the_sources_either():
@@ -249,7 +249,7 @@ def test_workspace_of_chunked_and_whole_tensor_methods():
     chunk = plan(method="task_arithmetic", limits=gpu(None)).breakdown["workspace"]
     assert chunk == (2 + 8) * CHUNK_ELEMENTS * 4  # two non-base inputs
     ties = plan(method="ties", limits=gpu(None)).breakdown["workspace"]
-    assert ties == chunk + int(0.05 * largest) * 4  # the trimming band
+    assert ties == chunk + int(largest / 1024) * 4  # the trimming band
     whole = plan(three_7b()[:2], method="slerp", limits=gpu(None)).breakdown["workspace"]
     assert whole == (2 + 5) * largest * 4  # slerp: base and one model, each converted to float32
 

@@ -230,18 +230,25 @@ def test_unknown_method_suggests_close_names():
 
 # ---- selection --------------------------------------------------------------------------
 def chunked_window(delta: torch.Tensor, start: int, count: int, chunk: int = 70_001) -> torch.Tensor:
-    """The window found and applied a chunk at a time, as the merge engine does."""
-    from workers.sparsify import SAMPLE_SIZE, WindowSearch
+    """The window found and applied a chunk at a time, as the merge engine does: an exact
+    magnitude histogram names each edge's bin, the chunks give that bin's entries."""
+    from workers.sparsify import MagnitudeHistogram, WindowSearch
 
     flat = delta.reshape(-1)
-    g = torch.Generator().manual_seed(flat.numel())
-    sample = torch.sort(flat[torch.randint(flat.numel(), (SAMPLE_SIZE,), generator=g)].abs()).values
-    search = WindowSearch(flat.numel(), start, count, lambda: sample)
     pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
+    histogram = MagnitudeHistogram()
     for piece in pieces:
-        search.observe(piece.abs())
+        histogram.add(piece.abs())
+    search = WindowSearch(flat.numel(), start, count, lambda: histogram)
+    for piece in pieces:
+        def extract(lo, hi, piece=piece):
+            a = piece.abs()
+            return a if lo is None else a[(a >= lo) & (a < hi)]
+
+        search.observe(piece.numel(), extract)
     window = search.finish(lambda: flat.abs())
-    return torch.cat([window.mask(piece.abs()).clone() for piece in pieces]).bool()
+    window.reset()
+    return torch.cat([window.mask(piece.abs(), j).clone() for j, piece in enumerate(pieces)]).bool()
 
 
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9, 0.999])
@@ -278,9 +285,9 @@ def test_rank_window_matches_a_stable_sort(start, count):
     assert torch.equal(chunked_window(clean, start, count), expected)
 
 
-def test_window_search_falls_back_when_the_sample_misses():
-    """A tensor whose values the fixed-seed sample cannot bracket (one huge run of a
-    single value, the rest tiny) still gets the exact window."""
+def test_window_with_huge_runs_of_one_value():
+    """A tensor with one huge run of a single value, the rest spread out: the window's
+    edges fall inside the run or at its ends, and ties are picked by position."""
     delta = torch.zeros(500_000)
     delta[::2] = 1.0
     delta[1::7] = torch.linspace(0.001, 0.5, delta[1::7].numel())

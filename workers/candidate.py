@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from search_spaces.recipe import Recipe
+from workers import kernels
 from workers.methods.base import MergeError
 from workers.model_io import LazyModel, dtype_from_name
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
@@ -34,6 +35,13 @@ from workers.sparsify import Workspace
 from workers.tensor_merge import TensorInputs, merge_into
 
 CANDIDATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass
@@ -66,11 +74,13 @@ class CandidateBuilder:
         self.dtype = dtype
         self.tier = tier
         self.models = {ref: LazyModel(ref) for ref in self.refs}
+        kernels.use_for(max(sum(_numel(i.shape) for i in m.tensors.values())
+                            for m in self.models.values()))
         self.sources: Sources = open_sources(tier, self.models, self.device)
         self.cache_task_vectors = cache_task_vectors
         self.task_vectors: dict[tuple, torch.Tensor] = {}
-        # each task vector's sorted magnitude sample (256 KB), for trimming thresholds
-        self.samples: dict[tuple, torch.Tensor] = {}
+        # each task vector's exact magnitude histogram (330 KB), for trimming thresholds
+        self.histograms: dict[tuple, object] = {}
         self.timings = BuildTimings()
         self.workspace = Workspace()
         self._resident: torch.nn.Module | None = None
@@ -84,7 +94,7 @@ class CandidateBuilder:
             "sources_device": held["device"],
             "sources_host": held["host"],
             "task_vectors": size(self.task_vectors.values()),
-            "magnitude_samples": size(self.samples.values()),
+            "magnitude_histograms": sum(h.nbytes for h in self.histograms.values()),
             "candidate": size(self._resident.parameters()) if self._resident is not None else 0,
             "scratch": self.workspace.nbytes(),
         }
@@ -141,8 +151,8 @@ class CandidateBuilder:
             tensors=[self.sources.get(k) for k in keys], model_params=task.model_params,
             global_params=task.global_params, seed=plan.recipe.seed,
             model_names=[s.model for s in task.inputs], read_dtype=plan.read_dtype,
-            task_vectors=cached, samples=self.samples,
-            sample_keys=[(k, base_key, plan.read_dtype) for k in keys],
+            task_vectors=cached, histograms=self.histograms,
+            histogram_keys=[(k, base_key, plan.read_dtype, cached is not None) for k in keys],
         )
 
     def _task_vector(self, plan: MergePlan, task: TensorTask, key: Key, base_key: Key) -> torch.Tensor:

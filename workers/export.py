@@ -256,6 +256,9 @@ def _run_merge(plan: MergePlan, out: Path, shard_size: str | int, progress: _Pro
         done += nbytes
         progress.set(_MERGE_SHARE * done / total)
         if sleep_s > 0:  # the test hook: hold still mid-merge so a test can kill us
+            deadline = time.monotonic() + 10  # once the first shard is on disk (written on a thread)
+            while not any(out.parent.rglob("*.safetensors*")) and time.monotonic() < deadline:
+                time.sleep(0.01)
             print(f"{TEST_SLEEP_ENV}: sleeping {sleep_s} s", file=sys.stderr, flush=True)
             time.sleep(sleep_s)
             sleep_s = 0

@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 
 # Elements per chunk when a method merges a tensor piece by piece in float32
 # (workers.tensor_merge): each float32 scratch buffer of a chunked merge is this big.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 22
 
 # Methods whose output at each entry depends only on the inputs at that entry and on
 # per-tensor statistics (a trimming threshold, an L1 norm): merged in chunks, so their
@@ -52,10 +52,12 @@ WHOLE_TENSOR_METHODS = frozenset({"slerp", "model_stock"})
 METHODS = CHUNKED_METHODS | WHOLE_TENSOR_METHODS
 # Methods that form task vectors (source − base): the only ones a task-vector cache helps.
 TASK_VECTOR_METHODS = CHUNKED_METHODS - {"linear", "passthrough"}
-# Methods that select by magnitude over the whole tensor: the selection keeps a band of
-# candidate values (BAND_FRACTION of the largest tensor) in float32.
+# Methods that select by magnitude over the whole tensor: a threshold is found among
+# the entries of one histogram bin, gathered in float32 only when the bin holds at most
+# 1/1024 of the tensor (crowded bins are counted by value instead), plus a kept
+# histogram per task vector (workers.sparsify.MagnitudeHistogram).
 TRIMMING_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
-BAND_FRACTION = 0.05
+BAND_FRACTION = 1 / 1024
 CHUNK_BUFFERS = 8  # float32 chunk buffers of a chunked merge besides one per non-base input
 WHOLE_TENSOR_BUFFERS = 5  # float32 full-tensor buffers of a whole-tensor merge besides its inputs
 STAGING_SLOTS = 2  # double buffering: the next tensor's inputs arrive while this one merges

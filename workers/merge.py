@@ -127,6 +127,9 @@ def run_plan(
     progress: Callable[[int], None] | None = None,
 ) -> MergeResult:
     """Execute a plan into ``out_dir`` (written atomically: built beside it, then moved)."""
+    from workers import kernels
+
+    kernels.use_for(sum(max(1, t.nbytes // max(1, t.dtype.itemsize)) for t in plan.tasks))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -137,18 +138,29 @@ class _Edge:
     """Entries tied at one edge value of a window, and which of them the window keeps.
 
     The tied entries, in position order, have ordinals 0, 1, …; the window keeps those
-    in ``[first, last)``. ``rules[j]`` says what chunk ``j`` does with its ties: keep
-    them all, drop them all, or (at most a couple of chunks) pick by ordinal, starting
-    from ``offsets[j]``.
+    in ``[first, last)``. Chunk by chunk, in order, the ties seen so far decide whether a
+    chunk keeps all of its ties, drops them all, or (at most a couple of chunks) picks
+    some by ordinal. ``per_chunk`` holds each chunk's number of ties where the search
+    already counted them; otherwise the merge counts them as it goes.
     """
 
     value: torch.Tensor
     first: int
     last: int
-    rules: list[str]
-    offsets: list[int]
+    per_chunk: list[int] | None = None
     at_lo: bool = True  # the window's lower edge (``lo``)
     at_hi: bool = False  # its upper edge (``hi``); both when they are equal
+    seen: int = 0
+
+    def rule(self, ties: int) -> tuple[str, int]:
+        """The next chunk's rule for its ``ties`` tied entries, and their first ordinal."""
+        start = self.seen
+        self.seen += ties
+        if ties == 0 or (start >= self.first and start + ties <= self.last):
+            return "keep", start
+        if start + ties <= self.first or start >= self.last:
+            return "drop", start
+        return "pick", start
 
 
 @dataclass
@@ -158,7 +170,7 @@ class Window:
     order :func:`rank_window_mask` uses).
 
     Found from the whole tensor by :class:`WindowSearch`, then applied chunk by chunk,
-    in the same order and with the same chunks: where entries tied at an edge value
+    with the same chunks: where entries tied at an edge value
     straddle the window's boundary, the search counted each chunk's ties, so each chunk
     knows whether it keeps its ties, drops them, or picks some by position. The
     chunked mask equals the whole tensor's mask exactly.
@@ -170,86 +182,250 @@ class Window:
     lo: torch.Tensor | None = None  # the (start + count)-th largest magnitude
     hi: torch.Tensor | None = None  # the (start + 1)-th largest (start > 0)
     edges: list[_Edge] = field(default_factory=list)
-    _chunk: int = 0
+
+    _rules: tuple[int, list[tuple[str, int]]] | None = None
 
     def reset(self) -> None:
-        """Back to the first chunk (before another pass over the chunks)."""
-        self._chunk = 0
+        """Before a pass over the chunks (in order, from the first)."""
+        for e in self.edges:
+            e.seen = 0
+        self._rules = None
 
-    def mask(self, mag: torch.Tensor, ws: Workspace = _FRESH) -> torch.Tensor:
-        """Mask (1.0 kept / 0.0 dropped) of the next chunk's magnitudes."""
-        j = self._chunk
-        self._chunk += 1
+    def _rules_for(self, j: int, ties: Callable[[torch.Tensor], int]) -> list[tuple[str, int]]:
+        if self._rules is None or self._rules[0] != j:
+            rules = [e.rule(e.per_chunk[j] if e.per_chunk is not None else ties(e.value)) for e in self.edges]
+            self._rules = (j, rules)
+        return self._rules[1]
+
+    def bounds(self, j: int, ties: Callable[[torch.Tensor], int]) -> tuple[float, float, bool, bool] | None:
+        """Chunk ``j``'s mask as bounds on the magnitude — ``(lo, hi, lo strict, hi
+        strict)`` — or None where ties at an edge must be picked entry by entry.
+        ``ties(value)``: how many of the chunk's magnitudes equal ``value``."""
+        if self.count <= 0:
+            return math.inf, math.inf, True, False
+        if self.lo is None:
+            return -math.inf, math.inf, False, False
+        rules = self._rules_for(j, ties)
+        if any(rule == "pick" for rule, _ in rules):
+            return None
+        dropped = [e for e, (rule, _) in zip(self.edges, rules) if rule == "drop"]
+        hi = float(self.hi) if self.hi is not None else math.inf
+        return (float(self.lo), hi, any(e.at_lo for e in dropped),
+                self.hi is not None and any(e.at_hi for e in dropped))
+
+    def mask(self, mag: torch.Tensor, j: int, ws: Workspace = _FRESH) -> torch.Tensor:
+        """Mask (1.0 kept / 0.0 dropped) of chunk ``j``'s magnitudes (chunks in order)."""
         out = ws.get("mask", mag)
         if self.count <= 0:
             return out.zero_()
         if self.lo is None:
             return out.fill_(1)
-        dropped = [e for e in self.edges if e.rules[j] == "drop"]
+        rules = self._rules_for(j, lambda v: int(torch.count_nonzero(mag == v)))
+        dropped = [e for e, (rule, _) in zip(self.edges, rules) if rule == "drop"]
         lo_strict = any(e.at_lo for e in dropped)
         (torch.gt if lo_strict else torch.ge)(mag, self.lo, out=out)
         if self.hi is not None:
             hi_strict = any(e.at_hi for e in dropped)
             out.mul_((torch.lt if hi_strict else torch.le)(mag, self.hi, out=ws.get("mask2", mag)))
-        fixes = [e for e in self.edges if e.rules[j] == "pick"]
-        if not fixes:
-            return out
         flat, flat_mag = out.view(-1), mag.view(-1)
         scratch = ws.get("mask2", mag).view(-1)
-        for e in fixes:
+        for e, (rule, first) in zip(self.edges, rules):
+            if rule != "pick":
+                continue
             ties = torch.nonzero(torch.eq(flat_mag, e.value, out=scratch)).squeeze(1)
-            first = e.offsets[j]
             ordinals = torch.arange(first, first + ties.numel(), device=ties.device)
             flat[ties] = ((ordinals >= e.first) & (ordinals < e.last)).to(flat.dtype)
         return out
+
+
+def _float_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32).item())
+
+
+def _bits_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+@dataclass
+class BinDetail:
+    """The exact values in one histogram bin: each value's low bits (``subs``,
+    ascending) and count, and for values held by several entries (at most
+    ``MAX_TIED``), how many of them each chunk holds — a trim's tie rules."""
+
+    subs: torch.Tensor
+    counts: torch.Tensor
+    ties: dict[int, list[int]]
+
+    MAX_TIED: ClassVar[int] = 64
+
+    @classmethod
+    def from_chunks(cls, per_chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> BinDetail:
+        """From each chunk's (low bits, counts) of the bin's entries, in chunk order."""
+        subs = torch.cat([p[0] for p in per_chunk]) if per_chunk else torch.empty(0, dtype=torch.int64)
+        counts = torch.cat([p[1] for p in per_chunk]) if per_chunk else torch.empty(0, dtype=torch.int64)
+        unique, inverse = torch.unique(subs, return_inverse=True)
+        totals = torch.zeros(unique.numel(), dtype=torch.int64).index_add_(0, inverse, counts)
+        tied = unique[totals > 1].tolist()[: cls.MAX_TIED]
+        ties: dict[int, list[int]] = {}
+        for sub in tied:
+            ties[sub] = [int(c[s == sub].sum()) for s, c in per_chunk]
+        return cls(unique, totals, ties)
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.subs.numel() + 8 * sum(len(v) for v in self.ties.values())
+
+
+class MagnitudeHistogram:
+    """Exact counts of a task vector's float32 magnitudes in narrow bins.
+
+    A non-negative float's bit pattern orders as the float does, so dropping its low
+    ``SHIFT`` bits gives bins of relative width 2^-10 (magnitudes below 2^-30 share the
+    first bin, above 2^10 the last). 41k bins, 330 KB: a worker keeps one per task
+    vector (``TensorInputs.magnitude_histogram``), built in one pass at first use. For
+    any trim it names the bin that holds the threshold and how many entries lie above
+    it, exactly, so finding the threshold only has to gather that bin's entries
+    (about 0.1 % of them).
+    """
+
+    SHIFT = 13
+    FIRST = _float_bits(2.0**-30) >> 13
+    BINS = (_float_bits(2.0**10) >> 13) - (_float_bits(2.0**-30) >> 13) + 1
+    MAX_DETAILS = 256  # bins resolved to exact values, kept per task vector
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(self.BINS, dtype=torch.int64)
+        self.lows = torch.full((self.BINS,), math.inf)
+        self.highs = torch.full((self.BINS,), -math.inf)
+        self.n = 0
+        self.details: dict[int, BinDetail] = {}
+
+    def bin_of(self, k: int) -> tuple[int, int]:
+        """The bin holding the k-th largest magnitude, and how many entries lie above it."""
+        from_top = torch.flip(self.counts, [0]).cumsum(0)
+        top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
+        return self.BINS - 1 - top, (int(from_top[top - 1]) if top > 0 else 0)
+
+    def resolvable(self, j: int) -> bool:
+        """Whether bin ``j`` can be resolved to exact values by its low bits (not the
+        clamped first and last bins)."""
+        return 0 < j < self.BINS - 1
+
+    def resolve(self, k: int) -> tuple[float, int, int, list[int] | None] | None:
+        """The k-th largest magnitude exactly — ``(value, above, equal, ties per chunk
+        or None)`` — if its bin holds one value or was resolved (``details``), else None."""
+        j, above = self.bin_of(k)
+        if bool(self.lows[j] == self.highs[j]):
+            return float(self.lows[j]), above, int(self.counts[j]), None
+        detail = self.details.get(j)
+        if detail is None:
+            return None
+        self.details[j] = self.details.pop(j)  # most recently used last
+        from_top = torch.flip(detail.counts, [0]).cumsum(0)
+        top = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+        sub = int(detail.subs[detail.subs.numel() - 1 - top])
+        value = _bits_float(((j + self.FIRST) << self.SHIFT) | sub)
+        above += int(from_top[top - 1]) if top > 0 else 0
+        return value, above, int(detail.counts[detail.subs.numel() - 1 - top]), detail.ties.get(sub)
+
+    def keep_detail(self, j: int, detail: BinDetail) -> None:
+        self.details[j] = detail
+        while len(self.details) > self.MAX_DETAILS:
+            self.details.pop(next(iter(self.details)))
+
+    def add(self, mag: torch.Tensor) -> None:
+        values = mag.reshape(-1).float().cpu()
+        index = ((values.view(torch.int32) >> self.SHIFT) - self.FIRST).clamp_(0, self.BINS - 1).long()
+        self.counts += torch.bincount(index, minlength=self.BINS)
+        self.lows.scatter_reduce_(0, index, values, "amin")
+        self.highs.scatter_reduce_(0, index, values, "amax")
+        self.n += values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        own = sum(t.numel() * t.element_size() for t in (self.counts, self.lows, self.highs))
+        return own + sum(d.nbytes for d in self.details.values())
+
+    def bracket(self, k: int) -> tuple[float, float, int, float | None, int]:
+        """``(lo, hi, above, value, equal)``: the k-th largest magnitude lies in
+        ``[lo, hi)`` and ``above`` entries lie at or above ``hi``; where every entry of
+        that bin has one value, it is ``value`` (held by ``equal`` entries), else None."""
+        from_top = torch.flip(self.counts, [0]).cumsum(0)
+        top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
+        j = self.BINS - 1 - top
+        above = int(from_top[top - 1]) if top > 0 else 0
+        lo = 0.0 if j == 0 else _bits_float((j + self.FIRST) << self.SHIFT)
+        hi = math.inf if j == self.BINS - 1 else _bits_float((j + 1 + self.FIRST) << self.SHIFT)
+        single = float(self.lows[j]) if bool(self.lows[j] == self.highs[j]) else None
+        return lo, hi, above, single, int(self.counts[j])
 
 
 class WindowSearch:
     """Finds a :class:`Window`'s edge values exactly, without sorting or storing the
     magnitudes.
 
-    A sorted fixed-seed sample of the tensor's magnitudes (``sample()``, which a worker
-    computes once per task vector and keeps: 256 KB) brackets each edge; one pass over
-    the chunks counts the entries above the bracket and keeps those inside it (about
-    2 % of them); an exact selection inside the bracket finishes. Call :meth:`observe`
-    with every chunk's magnitudes in order, then :meth:`finish`.
+    An exact :class:`MagnitudeHistogram` of the tensor's magnitudes (built once per
+    task vector and kept) names the narrow bin each edge lies in and how many entries
+    lie above it; one pass over the chunks gathers the entries of that bin
+    (``observe``, given each chunk's ``extract(lo, hi)``: its magnitudes in
+    ``[lo, hi)``, or all of them for ``(None, None)``), and an exact selection among
+    them finishes. Small tensors skip the histogram: every magnitude is gathered.
     """
 
     def __init__(self, n: int, start: int, count: int,
-                 sample: Callable[[], torch.Tensor] | None = None):
+                 histogram: Callable[[], MagnitudeHistogram] | None = None):
         self.n, self.start, self.count = n, start, count
         self.targets = [] if count <= 0 or (count >= n and start == 0) else (
             [start + count] + ([start + 1] if start > 0 else []))
-        small = n <= 4 * SAMPLE_SIZE or sample is None
-        self.brackets = [(None, None) if small else self._bracket(k, sample()) for k in self.targets]
+        self.small = n <= 4 * SAMPLE_SIZE or histogram is None
+        self.histogram = None if self.small else histogram()  # type: ignore[misc]
+        self.brackets: list[tuple[float, float] | None] = []
         self.above = [0] * len(self.targets)
+        self.known: list[tuple[float, int, int, list[int] | None] | None] = []
         self.bands: list[list[torch.Tensor]] = [[] for _ in self.targets]
         self.sizes: list[int] = []
+        self.lookup()
 
-    def _bracket(self, k: int, sorted_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = sorted_sample.numel()
-        keep = k / self.n
-        margin = 5.0 * (keep * (1 - keep) / size) ** 0.5 + 1.0 / size
-        lo = max(0, math.floor((1 - keep - margin) * (size - 1)))
-        hi = min(size - 1, math.ceil((1 - keep + margin) * (size - 1)))
-        return sorted_sample[lo], sorted_sample[hi]
+    def lookup(self) -> None:
+        """Read what the histogram knows (again, after bins were resolved)."""
+        self.brackets, self.known = [], []
+        for t, k in enumerate(self.targets):
+            if self.histogram is None:
+                self.brackets.append(None)
+                self.known.append(None)
+                continue
+            lo, hi, above, _single, _equal = self.histogram.bracket(k)
+            self.brackets.append((lo, hi))
+            self.above[t] = above
+            self.known.append(self.histogram.resolve(k))
+
+    def unresolved_bins(self) -> list[int]:
+        """Bins to resolve to exact values (``BinDetail``) before this search is known."""
+        if self.histogram is None:
+            return []
+        bins = [self.histogram.bin_of(k)[0] for t, k in enumerate(self.targets) if self.known[t] is None]
+        # a bin of a few entries is cheaper to gather (``observe``) than to count by value
+        crowded = self.n // 1024
+        return [j for j in dict.fromkeys(bins)
+                if self.histogram.resolvable(j) and int(self.histogram.counts[j]) > crowded]
 
     @property
     def needed(self) -> bool:
         return bool(self.targets)
 
-    def observe(self, mag: torch.Tensor) -> None:
-        flat = mag.reshape(-1)
-        self.sizes.append(flat.numel())
-        for t, (lo, hi) in enumerate(self.brackets):
-            if lo is None or hi is None:
-                self.bands[t].append(flat.clone())
-                continue
-            at_least = flat >= lo.to(flat.dtype)
-            inside = at_least & (flat <= hi.to(flat.dtype))
-            band = flat[inside]
-            self.above[t] += int(torch.count_nonzero(at_least)) - band.numel()
-            self.bands[t].append(band)
+    @property
+    def needs_pass(self) -> bool:
+        """Whether some edge must be found among its bin's entries (``observe``)."""
+        return any(k is None for k in self.known)
+
+    def observe(self, size: int,
+                extract: Callable[[float | None, float | None], torch.Tensor]) -> None:
+        """One chunk of ``size`` entries, in order; ``extract(lo, hi)`` gives its
+        magnitudes in ``[lo, hi)`` (flat), or all of them for ``(None, None)``."""
+        self.sizes.append(size)
+        for t, bracket in enumerate(self.brackets):
+            if self.known[t] is None:
+                self.bands[t].append(extract(None, None) if bracket is None else extract(*bracket))
 
     def finish(self, whole: Callable[[], torch.Tensor]) -> Window:
         """The window; ``whole()`` gives every magnitude, flat, if a bracket missed."""
@@ -257,9 +433,14 @@ class WindowSearch:
         if not self.targets:
             window.count = min(self.count, self.n) if self.count > 0 else 0
             return window
-        found: list[tuple[torch.Tensor, int, int, list[int]]] = []  # value, above, equal, per chunk
+        found: list[tuple[torch.Tensor, int, int, list[int] | None]] = []  # value, above, equal, per chunk
         full: torch.Tensor | None = None
         for t, k in enumerate(self.targets):
+            known = self.known[t]
+            if known is not None:  # read off the histogram: a bin of one value, or resolved
+                value, above, equal, ties = known
+                found.append((torch.tensor(value), above, equal, ties))
+                continue
             band = torch.cat(self.bands[t]) if self.bands[t] else torch.empty(0)
             need = k - self.above[t]
             if 1 <= need <= band.numel():
@@ -284,17 +465,7 @@ class WindowSearch:
             first, last = max(0, self.start - above), min(equal, end - above)
             if first == 0 and last == equal:
                 continue  # every tie is inside the window: ``>=`` / ``<=`` keep them
-            rules, offsets, seen = [], [], 0
-            for c in per_chunk:
-                offsets.append(seen)
-                if c == 0 or (seen >= first and seen + c <= last):
-                    rules.append("keep")
-                elif seen + c <= first or seen >= last:
-                    rules.append("drop")
-                else:
-                    rules.append("pick")
-                seen += c
-            window.edges.append(_Edge(value, first, last, rules, offsets, at_lo, at_hi))
+            window.edges.append(_Edge(value, first, last, per_chunk, at_lo, at_hi))
         return window
 
 
@@ -302,10 +473,12 @@ class WindowSearch:
 class Sparsifier:
     """How one input's task vector is sparsified in one tensor, chunk by chunk.
 
-    Built by a task-vector method's ``prepare`` (which also finds the trimming window
-    and the L1 rescale factor from the whole tensor); ``apply`` then sparsifies each
-    chunk in place, in order. Random draws come from a generator seeded per tensor and
-    input, drawn chunk after chunk, so they equal one draw of the whole tensor.
+    Built by a task-vector method's ``prepare``, which also finds what needs the whole
+    tensor: the magnitude window of a trim, the L1 rescale factor. Per chunk it gives
+    the merge kernel either bounds on the magnitude (``bounds``) or an explicit mask
+    (``keep``: random draws, DELLA's ranks, ties picked by position). Random draws come
+    from a generator seeded per tensor and input, drawn chunk after chunk in order, so
+    they equal one draw of the whole tensor.
     """
 
     kind: str | None  # None (keep all) | zero | magnitude | outliers | random | della
@@ -329,14 +502,14 @@ class Sparsifier:
             return cls("zero")
         sp = cls(kind, density, rescale)
 
-        def sample() -> torch.Tensor:
-            return inputs.magnitude_sample(i)
+        def histogram() -> MagnitudeHistogram:
+            return inputs.magnitude_histogram(i)
 
         if kind == "magnitude":
-            sp.search = WindowSearch(n, 0, max(1, int(density * n)), sample)
+            sp.search = WindowSearch(n, 0, max(1, int(density * n)), histogram)
         elif kind == "outliers":
             keep_n, top_n = int(density * n), int(params["gamma"] * n)
-            sp.search = WindowSearch(n, min(top_n, n - keep_n), keep_n, sample)
+            sp.search = WindowSearch(n, min(top_n, n - keep_n), keep_n, histogram)
         elif kind in ("random", "della"):
             if kind == "della":
                 sp.epsilon = float(params["epsilon"])
@@ -358,7 +531,7 @@ class Sparsifier:
         return sp
 
     def start_pass(self) -> None:
-        """Before a pass over the chunks: restart the draws and the tie counts."""
+        """Before a pass over the chunks: restart the draws and the count of ties."""
         if self.make_generator is not None:
             self.generator = self.make_generator()
         if self.window is not None:
@@ -368,45 +541,47 @@ class Sparsifier:
         """The L1 rescale: the kept entries' norm is scaled back to the whole's."""
         self.scale = None if before < eps or after < eps else before / after
 
-    def _della_rows(self, delta: torch.Tensor) -> torch.Tensor:
-        rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-        return rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
+    def bounds(self, j: int, ties: Callable[[torch.Tensor], int]) -> tuple[float, float, bool, bool] | None:
+        """Chunk ``j``'s mask as magnitude bounds, or None if it needs ``keep``;
+        ``ties(value)`` counts the chunk's magnitudes equal to ``value``."""
+        if self.kind is None:
+            return -math.inf, math.inf, False, False
+        if self.kind == "zero":
+            return math.inf, math.inf, True, False
+        if self.window is not None:
+            return self.window.bounds(j, ties)
+        return None
 
-    def _della_probs(self, rows: torch.Tensor) -> torch.Tensor:
+    def keep(self, delta: torch.Tensor, j: int, ws: Workspace = _FRESH) -> torch.Tensor:
+        """Chunk ``j``'s multiplier (0 dropped, 1 kept; DELLA with inverse-density
+        rescale: 1 / the keep probability), for its float32 task vector ``delta``."""
+        if self.kind is None:
+            return torch.ones_like(delta)
+        if self.kind == "zero":
+            return torch.zeros_like(delta)
+        if self.window is not None:
+            return self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), j, ws).clone()
+        assert self.generator is not None
+        if self.kind == "random":
+            draw = torch.rand(delta.shape, generator=self.generator)
+            return (draw < self.density).to(device=delta.device, dtype=delta.dtype)
+        rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
         ncols = rows.shape[1]
         ranks = row_ranks(rows)
         rank_norm = ranks / (ncols - 1) if ncols > 1 else torch.zeros_like(ranks)
-        return (self.density - self.epsilon) + rank_norm * (2 * self.epsilon)
-
-    def keep(self, delta: torch.Tensor, ws: Workspace = _FRESH) -> torch.Tensor:
-        """Drop, in place, the entries of this chunk that are not kept (no rescale)."""
-        if self.kind is None:
-            return delta
-        if self.kind == "zero":
-            return delta.zero_()
-        if self.kind in ("magnitude", "outliers"):
-            assert self.window is not None
-            return delta.mul_(self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), ws))
-        assert self.generator is not None
-        if self.kind == "random":
-            cpu = delta if delta.device.type == "cpu" else delta.cpu()
-            draw = torch.rand(delta.shape, generator=self.generator, out=ws.get("rand", cpu, torch.float32))
-            return delta.mul_(torch.lt(draw, self.density, out=ws.get("keep", cpu)).to(delta.device))
-        rows = self._della_rows(delta)
-        probs = self._della_probs(rows)
-        keep = torch.rand(rows.shape, generator=self.generator).to(delta.device) < probs
-        rows.mul_(keep)
+        probs = (self.density - self.epsilon) + rank_norm * (2 * self.epsilon)
+        keep = (torch.rand(rows.shape, generator=self.generator).to(delta.device) < probs).to(delta.dtype)
         if self.rescale == "inverse_density":
-            rows.div_(probs)
-        return delta
+            keep = keep / probs
+        return keep.reshape(delta.shape)
 
-    def apply(self, delta: torch.Tensor, ws: Workspace = _FRESH) -> torch.Tensor:
-        """Sparsify and rescale one chunk in place."""
-        out = self.keep(delta, ws)
+    def factors(self) -> tuple[float, float]:
+        """``(l1, inv)``: the kept entries are multiplied by ``l1`` and divided by ``inv``."""
         if self.kind in (None, "zero") or self.rescale is None:
-            return out
+            return 1.0, 1.0
         if self.rescale == "l1":
-            return out if self.scale is None else out.mul_(self.scale)
+            return (self.scale if self.scale is not None else 1.0), 1.0
         if self.rescale == "inverse_density":
-            return out if self.kind == "della" else out.div_(self.density)
+            return 1.0, (1.0 if self.kind == "della" else self.density)
         raise ValueError(f"unknown rescale mode {self.rescale!r}: use one of {RESCALE_MODES}")

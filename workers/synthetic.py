@@ -125,7 +125,7 @@ def make_family(arch: str, root: Path, n_experts: int = 2, *, seed: int = 0,
     base = make_model(arch, root / f"{arch}-base", seed=seed, **kw)
     experts = [
         make_model(arch, root / f"{arch}-expert{i}", seed=seed + 100 + i, base=base,
-                   **{k: v for k, v in kw.items() if k in ("dtype", "shard_size", "safe")})
+                   **{k: v for k, v in kw.items() if k in ("dtype", "shard_size", "safe", "noise")})
         for i in range(n_experts)
     ]
     return base, experts

@@ -23,7 +23,7 @@ import torch
 
 from workers.memory_plan import CHUNK_ELEMENTS
 from workers.methods.base import MergeError, MergeInputs, MergeMethod
-from workers.sparsify import Workspace
+from workers.sparsify import MagnitudeHistogram, Workspace
 
 
 @dataclass
@@ -45,9 +45,9 @@ class TensorInputs:
     model_names: list[str] = field(default_factory=list)
     read_dtype: torch.dtype | None = None
     task_vectors: list[torch.Tensor] | None = None
-    # where a worker keeps each task vector's sorted magnitude sample across candidates
-    samples: dict | None = None
-    sample_keys: list | None = None
+    # where a worker keeps each task vector's magnitude histogram across candidates
+    histograms: dict | None = None
+    histogram_keys: list | None = None
     chunk_elements: int | None = None  # default: CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -121,20 +121,99 @@ class TensorInputs:
 
         return pick(self.tensors[i]) - pick(self.base)
 
-    def magnitude_sample(self, i: int) -> torch.Tensor:
-        """A sorted fixed-seed sample of task vector ``i``'s magnitudes (it brackets a
-        trimming threshold); kept in ``samples`` when the caller gives one."""
-        key = self.sample_keys[i] if self.sample_keys is not None else None
-        if self.samples is not None and key in self.samples:
-            return self.samples[key]
-        from workers.sparsify import SAMPLE_SIZE
+    def flat_rows(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``t`` as a flat view (no copy)."""
+        return self.rows_of(t, r0, r1).reshape(-1)
 
-        g = torch.Generator(device="cpu").manual_seed(self.numel)
-        index = torch.randint(self.numel, (SAMPLE_SIZE,), generator=g)
-        sample = torch.sort(self.task_vector_at(i, index).abs().float()).values
-        if self.samples is not None:
-            self.samples[key] = sample
-        return sample
+    def _magnitudes(self, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.task_vectors is not None:
+            return x.float().abs()
+        assert b is not None
+        return (self._f32(x) - self._f32(b)).abs_()
+
+    def _f32(self, t: torch.Tensor) -> torch.Tensor:
+        if self.read_dtype is not None and t.dtype != self.read_dtype:
+            t = t.to(self.read_dtype)
+        return t.to(self.compute_dtype)
+
+    def chunk_inputs(self, i: int, r0: int, r1: int) -> torch.Tensor:
+        """Input ``i``'s rows ``r0:r1``, flat: its cached task vector, else the source."""
+        source = self.task_vectors[i] if self.task_vectors is not None else self.tensors[i]
+        return self.flat_rows(source, r0, r1)
+
+    def band(self, i: int, r0: int, r1: int, lo: float | None, hi: float | None) -> torch.Tensor:
+        """Task vector ``i``'s magnitudes in rows ``r0:r1`` that lie in ``[lo, hi)`` (all
+        of them for ``None``), flat. Blocks with none are skipped by a fused count."""
+        from workers.kernels import BLOCK, kernel
+
+        x = self.chunk_inputs(i, r0, r1)
+        b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
+        if lo is None or hi is None:
+            return self._magnitudes(x, b)
+        n = x.numel()
+        whole = n - n % BLOCK
+        parts = []
+        if whole:
+            bounds = torch.tensor([lo, hi], dtype=torch.float32, device=x.device)
+            counts = kernel("band_blocks")(b[:whole] if b is not None else x[:whole], x[:whole], bounds[0],
+                                           bounds[1], self.task_vectors is not None, self.read_dtype)
+            hit = torch.nonzero(counts).squeeze(1)
+            if hit.numel():
+                xs = x[:whole].view(-1, BLOCK)[hit].reshape(-1)
+                bs = b[:whole].view(-1, BLOCK)[hit].reshape(-1) if b is not None else None
+                a = self._magnitudes(xs, bs)
+                parts.append(a[(a >= lo) & (a < hi)])
+        if whole < n:
+            a = self._magnitudes(x[whole:], b[whole:] if b is not None else None)
+            parts.append(a[(a >= lo) & (a < hi)])
+        return torch.cat(parts) if parts else torch.empty(0, dtype=self.compute_dtype, device=x.device)
+
+    def count_equal(self, i: int, r0: int, r1: int, value: torch.Tensor) -> int:
+        """How many of task vector ``i``'s magnitudes in rows ``r0:r1`` equal ``value``."""
+        from workers.kernels import kernel
+
+        x = self.chunk_inputs(i, r0, r1)
+        b = self.flat_rows(self.base, r0, r1) if self.base is not None else x
+        v = value.to(device=x.device, dtype=torch.float32)
+        return int(kernel("count_equal")(b, x, v, self.task_vectors is not None, self.read_dtype))
+
+    def resolve_bins(self, wanted: dict[int, list[int]]) -> None:
+        """Resolve histogram bins to exact values, in one pass over the chunks:
+        ``wanted`` maps an input to the bins (``MagnitudeHistogram`` indices) it needs."""
+        from workers.kernels import kernel
+        from workers.sparsify import BinDetail
+
+        size = 1 << MagnitudeHistogram.SHIFT
+        parts: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {
+            (i, j): [] for i, bins in wanted.items() for j in bins}
+        for r0, r1 in self.chunk_rows():
+            b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
+            for i, j in parts:
+                x = self.chunk_inputs(i, r0, r1)
+                bin_id = torch.tensor(j + MagnitudeHistogram.FIRST, dtype=torch.int32, device=x.device)
+                index = kernel("sub_bins")(b if b is not None else x, x, bin_id,
+                                           self.task_vectors is not None, self.read_dtype)
+                counts = torch.bincount(index.reshape(-1).cpu(), minlength=size + 1)[:size]
+                subs = torch.nonzero(counts).squeeze(1)
+                parts[(i, j)].append((subs, counts[subs]))
+        for (i, j), chunks in parts.items():
+            self.magnitude_histogram(i).keep_detail(j, BinDetail.from_chunks(chunks))
+
+    def magnitude_histogram(self, i: int):
+        """Task vector ``i``'s exact magnitude histogram (``workers.sparsify``); kept in
+        ``histograms`` when the caller gives one."""
+        from workers.sparsify import MagnitudeHistogram
+
+        key = self.histogram_keys[i] if self.histogram_keys is not None else None
+        if self.histograms is not None and key in self.histograms:
+            return self.histograms[key]
+        histogram = MagnitudeHistogram()
+        for r0, r1 in self.chunk_rows():
+            b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
+            histogram.add(self._magnitudes(self.chunk_inputs(i, r0, r1), b))
+        if self.histograms is not None:
+            self.histograms[key] = histogram
+        return histogram
 
     def whole_task_vector(self, i: int, ws: Workspace) -> torch.Tensor:
         """Task vector ``i`` of the whole tensor (a fallback: a full-size temporary)."""
@@ -144,6 +223,33 @@ class TensorInputs:
             assert base is not None
             self.rows_of(out, r0, r1).copy_(self.task_vector_chunk(i, r0, r1, base, ws, "tv"))
         return out
+
+
+@dataclass
+class ChunkOut:
+    """Where a chunk's result goes: rows of the target, rounded to ``dtype`` on the way,
+    after the residual scale of a stacked layer's output projection, if any."""
+
+    target: torch.Tensor
+    dtype: torch.dtype
+    residual_scale: float | None = None
+    unit_offset: bool = False
+
+
+def merge_chunk_eagerly(method: MergeMethod, inputs: TensorInputs, state: Any, r0: int, r1: int,
+                        out: ChunkOut, ws: Workspace) -> torch.Tensor:
+    """A chunk through the method's ``merge`` on float32 copies of its inputs (the way
+    for methods without a fused kernel); returns the chunk's sum."""
+    shape = inputs.chunk_shape(r0, r1)
+    chunk = MergeInputs(
+        name=inputs.name, base=inputs.base_chunk(r0, r1, ws),
+        tensors=[inputs.input_chunk(i, r0, r1, ws) for i in range(len(inputs.tensors))],
+        model_params=inputs.model_params, global_params=inputs.global_params,
+        seed=inputs.seed, model_names=inputs.model_names, owned=True, workspace=ws,
+        out=ws.get("out", shape, inputs.compute_dtype, inputs.device), state=state,
+    )
+    result = method.merge(chunk)
+    return _finish(result.reshape(shape), out.target, out.dtype, out.residual_scale, out.unit_offset)
 
 
 def _finish(result: torch.Tensor, target: torch.Tensor, out_dtype: torch.dtype,
@@ -175,21 +281,9 @@ def merge_into(method: MergeMethod, inputs: TensorInputs, target: torch.Tensor, 
     total = torch.zeros((), dtype=torch.float64, device=target.device)
     if method.chunked:
         state = method.prepare(inputs, ws)
-        for r0, r1 in inputs.chunk_rows():
-            shape = inputs.chunk_shape(r0, r1)
-            base = inputs.base_chunk(r0, r1, ws)
-            chunk = MergeInputs(
-                name=inputs.name, base=base,
-                tensors=[inputs.input_chunk(i, r0, r1, ws) for i in range(len(inputs.tensors))]
-                if inputs.task_vectors is None else [],
-                deltas=None if inputs.task_vectors is None or base is None else [
-                    inputs.task_vector_chunk(i, r0, r1, base, ws) for i in range(len(inputs.task_vectors))],
-                model_params=inputs.model_params, global_params=inputs.global_params,
-                seed=inputs.seed, model_names=inputs.model_names, owned=True, workspace=ws,
-                out=ws.get("out", shape, inputs.compute_dtype, inputs.device), state=state,
-            )
-            result = method.merge(chunk)
-            total += _finish(result, inputs.rows_of(target, r0, r1), out_dtype, residual_scale, unit_offset)
+        for j, (r0, r1) in enumerate(inputs.chunk_rows()):
+            out = ChunkOut(inputs.rows_of(target, r0, r1), out_dtype, residual_scale, unit_offset)
+            total += method.merge_chunk(inputs, state, j, r0, r1, out, ws).double()
     else:
         rows = inputs.rows
         base = inputs.base_chunk(0, rows, ws)

@@ -135,6 +135,16 @@ class MergeMethod(ABC):
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         """Return the merged tensor (any float dtype; the engine casts it)."""
 
+    def merge_chunk(self, inputs: Any, state: Any, j: int, r0: int, r1: int, out: Any,
+                    ws: Any) -> torch.Tensor:
+        """Merge chunk ``j`` (rows ``r0:r1``) of a chunked method's tensor into ``out`` (a
+        ``workers.tensor_merge.ChunkOut``); return the chunk's float32 sum. By default
+        ``merge`` runs on float32 copies of the chunk; a method with a fused kernel
+        (``workers.kernels``) reads its inputs in their stored dtype instead."""
+        from workers.tensor_merge import merge_chunk_eagerly
+
+        return merge_chunk_eagerly(self, inputs, state, r0, r1, out, ws)
+
     def prepare(self, inputs: Any, ws: Any) -> Any:
         """A chunked method's per-tensor facts, found before the chunks are merged.
 

@@ -8,16 +8,19 @@ added to the base. The defaults of each variant follow mergekit's.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
 from workers import sparsify
+from workers.kernels import kernel
 from workers.methods import register
 from workers.methods.base import MergeError, MergeInputs, MergeMethod, ParamSpec
 from workers.sparsify import Sparsifier
-from workers.tensor_merge import TensorInputs
+from workers.tensor_merge import ChunkOut, TensorInputs
 
+_INF = torch.tensor(math.inf)
 WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector")
 DENSITY = ParamSpec("density", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
 GAMMA = ParamSpec("gamma", float, 0.01, 0.0, 1.0, help="share of largest entries dropped")
@@ -54,102 +57,97 @@ class TaskVectorMethod(MergeMethod):
         plan = [Sparsifier.for_input(self.sparsification, params, rescale, inputs, i)
                 for i, params in enumerate(inputs.model_params)]
         searches = {i: sp.search for i, sp in enumerate(plan) if sp.search is not None}
-        drawn = [i for i, sp in enumerate(plan) if sp.kind in ("random", "della") and sp.rescale == "l1"]
-        if searches or drawn:
-            sums = {i: [0.0, 0.0] for i in drawn}
-            for i in drawn:
-                plan[i].start_pass()
+        wanted = {i: bins for i, search in searches.items() if (bins := search.unresolved_bins())}
+        if wanted:  # one pass resolves the bins the thresholds lie in to exact values
+            inputs.resolve_bins(wanted)
+            for search in searches.values():
+                search.lookup()
+        if any(search.needs_pass for search in searches.values()):
             for r0, r1 in inputs.chunk_rows():
-                base = inputs.base_chunk(r0, r1, ws)
-                assert base is not None
-                for i in [*searches, *drawn]:
-                    delta = inputs.task_vector_chunk(i, r0, r1, base, ws, "tv")
-                    if i in searches:
-                        searches[i].observe(torch.abs(delta, out=ws.get("mag", delta)))
-                    if i in sums:
-                        sums[i][0] += float(delta.abs().sum(dtype=torch.float64))
-                        sums[i][1] += float(plan[i].keep(delta, ws).abs().sum(dtype=torch.float64))
+                size = inputs.flat_rows(inputs.tensors[0], r0, r1).numel()
+                for i, search in searches.items():
+                    search.observe(size, lambda lo, hi, i=i, r0=r0, r1=r1: inputs.band(i, r0, r1, lo, hi))
+        if searches:
             for i, search in searches.items():
                 plan[i].window = search.finish(lambda i=i: inputs.whole_task_vector(i, ws).abs_().reshape(-1))
-            for i in drawn:
-                plan[i].set_l1(*sums[i])
-        trimmed_l1 = [i for i, sp in enumerate(plan) if sp.window is not None and sp.rescale == "l1"]
-        if trimmed_l1:  # the L1 norm of what a window keeps needs the window first
-            sums = {i: [0.0, 0.0] for i in trimmed_l1}
-            for r0, r1 in inputs.chunk_rows():
+                plan[i].search = None
+        l1 = [i for i, sp in enumerate(plan) if sp.rescale == "l1" and sp.kind not in (None, "zero")]
+        if l1:  # the L1 norm of what is kept, against the whole's
+            sums = {i: [0.0, 0.0] for i in l1}
+            for i in l1:
+                plan[i].start_pass()
+            for j, (r0, r1) in enumerate(inputs.chunk_rows()):
                 base = inputs.base_chunk(r0, r1, ws)
                 assert base is not None
-                for i in trimmed_l1:
+                for i in l1:
                     delta = inputs.task_vector_chunk(i, r0, r1, base, ws, "tv")
                     sums[i][0] += float(delta.abs().sum(dtype=torch.float64))
-                    sums[i][1] += float(plan[i].keep(delta, ws).abs().sum(dtype=torch.float64))
-            for i in trimmed_l1:
+                    kept = delta.mul_(plan[i].keep(delta, j, ws))
+                    sums[i][1] += float(kept.abs().sum(dtype=torch.float64))
+            for i in l1:
                 plan[i].set_l1(*sums[i])
         for sp in plan:
             sp.start_pass()
         return plan
 
-    def merge(self, inputs: MergeInputs) -> torch.Tensor:
+    def merge_chunk(self, inputs: TensorInputs, state: list[Sparsifier], j: int, r0: int, r1: int,
+                    out: ChunkOut, ws: sparsify.Workspace) -> torch.Tensor:
         base = inputs.base
         if base is None:
             raise MergeError(f"{self.name} needs a base_model")
-        if not inputs.tensors and not inputs.deltas:
-            return base
-        ws = inputs.workspace or sparsify.Workspace(reuse=False)
-        plan = inputs.state
-        if plan is None:  # called on a whole tensor, outside the engine
-            plan = self.prepare(_whole(inputs), ws)
         g = inputs.global_params
         weights = [p["weight"] for p in inputs.model_params]
-        # weighted, sparsified task vectors, each in a buffer of its own
-        weighted = []
-        for i, delta in enumerate(inputs.task_vectors()):
-            # an owned task vector (freshly read by the engine) is its own buffer
-            buf = delta if inputs.owned else ws.get(f"kept{i}", delta).copy_(delta)
-            weighted.append(plan[i].apply(buf, ws).mul_(weights[i]))
-        out = inputs.out if inputs.out is not None else torch.empty_like(base)
-        if len(weighted) == 1:
-            out.copy_(weighted[0])
-        else:
-            torch.add(weighted[0], weighted[1], out=out)
-            for other in weighted[2:]:
-                out.add_(other)  # the sum, added left to right
-        if self.consensus is None:
-            divisor: float | torch.Tensor = sum(weights)
-            if abs(divisor) < 1e-8:
-                divisor = 1.0
-        else:
-            # the elected sign of each entry, +1 or -1 (a zero sum elects +1)
-            elected = ws.get("elected", base)
-            if self.consensus == "sum":
-                total = out
-            else:
-                total = ws.get("votes", base).zero_()
-                for kept in weighted:
-                    total.add_(torch.sign(kept, out=ws.get("part", base)))
-            # ±1; a -0.0 total (all inputs zero there) elects -1, where nobody can agree
-            torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), total, out=elected)
-            if self.consensus == "count":
-                elected.masked_fill_(total == 0, 1)  # a tied vote elects +1
-            out.zero_()
-            divisor = ws.get("divisor", base).zero_()
-            part = ws.get("part", base)
-            agrees = ws.get("agrees", base)
-            for w, kept in zip(weights, weighted):
-                # kept·elected > 0 exactly where kept is nonzero with the elected sign
-                torch.gt(torch.mul(kept, elected, out=part), 0, out=agrees)
-                out.addcmul_(kept, agrees)  # kept × 1.0 or × 0.0: exact
-                divisor.add_(agrees, alpha=w)
-            divisor.add_(torch.eq(divisor, 0, out=agrees))  # nobody agrees: divide by 1
-        if g["normalize"]:
-            out.div_(divisor)
-        if g["lambda"] != 1:
-            out.mul_(g["lambda"])
-        return out.add_(base)
+        device = base.device
+        bounds = [sp.bounds(j, lambda v, i=i: inputs.count_equal(i, r0, r1, v)) for i, sp in enumerate(state)]
+        keep: list[torch.Tensor | None] | None = None
+        if any(b is None for b in bounds):  # masks given entry by entry, for some inputs
+            base32 = inputs.base_chunk(r0, r1, ws)
+            assert base32 is not None
+            keep = []
+            for i, sp in enumerate(state):
+                if bounds[i] is not None:
+                    keep.append(None)
+                    continue
+                delta = inputs.task_vector_chunk(i, r0, r1, base32, ws, "tv")
+                keep.append(sp.keep(delta, j, ws).reshape(-1))
+            bounds = [b or (-math.inf, math.inf, False, False) for b in bounds]
+        factors = [sp.factors() for sp in state]
+        divisor = sum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        # a strict bound is the next float32 the other way: the same comparison, exactly
+        lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32)
+        hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32)
+        lo = torch.where(torch.tensor([b[2] for b in bounds]), torch.nextafter(lo, _INF), lo)
+        hi = torch.where(torch.tensor([b[3] for b in bounds]), torch.nextafter(hi, -_INF), hi)
+        f32 = dict(dtype=torch.float32, device=device)
+        rescaled = any(f != (1.0, 1.0) for f in factors)
+        return kernel("task_vectors")(
+            inputs.flat_rows(base, r0, r1),
+            [inputs.chunk_inputs(i, r0, r1) for i in range(len(state))], keep,
+            lo.to(device), hi.to(device),
+            torch.tensor([f[0] for f in factors], **f32), torch.tensor([f[1] for f in factors], **f32),
+            torch.tensor(weights, **f32), torch.tensor(float(g["lambda"]), **f32),
+            torch.tensor(float(divisor), **f32), out.target.reshape(-1),
+            self.consensus, bool(g["normalize"]), rescaled, inputs.task_vectors is not None,
+            inputs.read_dtype, out.dtype)
+
+    def merge(self, inputs: MergeInputs) -> torch.Tensor:
+        """One whole tensor in float32 (outside the engine: the same arithmetic)."""
+        if inputs.base is None:
+            raise MergeError(f"{self.name} needs a base_model")
+        if not inputs.tensors and not inputs.deltas:
+            return inputs.base
+        ws = inputs.workspace or sparsify.Workspace(reuse=False)
+        whole = _whole(inputs)
+        result = torch.empty_like(inputs.base)
+        state = self.prepare(whole, ws)
+        self.merge_chunk(whole, state, 0, 0, whole.rows, ChunkOut(result, result.dtype), ws)
+        return result
 
 
 def _whole(inputs: MergeInputs) -> TensorInputs:
-    """A whole tensor's inputs as the engine would give them (for direct calls)."""
+    """A whole tensor's inputs as one chunk (for direct calls)."""
     assert inputs.base is not None
     return TensorInputs(
         name=inputs.name, shape=tuple(inputs.base.shape), base=inputs.base,
