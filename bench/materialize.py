@@ -56,9 +56,7 @@ def run_variant(variant: str, method: str, n: int, root: Path) -> dict:
         from workers.candidate import CandidateBuilder
 
         builder = CandidateBuilder([str(e) for e in experts], base=str(base))
-        if method in ("ties", "breadcrumbs"):
-            builder.precompute_sorted()
-        builder.resident()
+        builder.build(recipes[0])  # the resident model, histograms, compiled kernels
         setup = time.perf_counter() - start
         for r in recipes:
             t = time.perf_counter()
