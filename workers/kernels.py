@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 COMPILE_ENV = "EVOMERGE_COMPILE"
-BLOCK = 64  # entries per block when a trim's band is gathered (see band_blocks)
+BLOCK = 256  # entries per block when a trim's band is gathered (see band_blocks)
 
 
 def _float(x: torch.Tensor, read_dtype: torch.dtype | None) -> torch.Tensor:

@@ -552,7 +552,7 @@ class Sparsifier:
             return self.window.bounds(j, ties)
         return None
 
-    def keep(self, delta: torch.Tensor, j: int, ws: Workspace = _FRESH) -> torch.Tensor:
+    def keep(self, delta: torch.Tensor, j: int, ws: Workspace = _FRESH, role: str = "keep") -> torch.Tensor:
         """Chunk ``j``'s multiplier (0 dropped, 1 kept; DELLA with inverse-density
         rescale: 1 / the keep probability), for its float32 task vector ``delta``."""
         if self.kind is None:
@@ -560,7 +560,8 @@ class Sparsifier:
         if self.kind == "zero":
             return torch.zeros_like(delta)
         if self.window is not None:
-            return self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), j, ws).clone()
+            mask = self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), j, ws)
+            return ws.get(role, mask).copy_(mask)
         assert self.generator is not None
         if self.kind == "random":
             draw = torch.rand(delta.shape, generator=self.generator)

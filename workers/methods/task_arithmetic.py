@@ -9,6 +9,7 @@ added to the base. The defaults of each variant follow mergekit's.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -88,49 +89,34 @@ class TaskVectorMethod(MergeMethod):
                 plan[i].set_l1(*sums[i])
         for sp in plan:
             sp.start_pass()
-        return plan
+        return _Prepared.of(plan, inputs, self)
 
-    def merge_chunk(self, inputs: TensorInputs, state: list[Sparsifier], j: int, r0: int, r1: int,
+    def merge_chunk(self, inputs: TensorInputs, state: _Prepared, j: int, r0: int, r1: int,
                     out: ChunkOut, ws: sparsify.Workspace) -> torch.Tensor:
         base = inputs.base
         if base is None:
             raise MergeError(f"{self.name} needs a base_model")
         g = inputs.global_params
-        weights = [p["weight"] for p in inputs.model_params]
-        device = base.device
-        bounds = [sp.bounds(j, lambda v, i=i: inputs.count_equal(i, r0, r1, v)) for i, sp in enumerate(state)]
+        plan = state.sparsifiers
+        bounds = [sp.bounds(j, lambda v, i=i: inputs.count_equal(i, r0, r1, v)) for i, sp in enumerate(plan)]
         keep: list[torch.Tensor | None] | None = None
         if any(b is None for b in bounds):  # masks given entry by entry, for some inputs
             base32 = inputs.base_chunk(r0, r1, ws)
             assert base32 is not None
             keep = []
-            for i, sp in enumerate(state):
+            for i, sp in enumerate(plan):
                 if bounds[i] is not None:
                     keep.append(None)
                     continue
                 delta = inputs.task_vector_chunk(i, r0, r1, base32, ws, "tv")
-                keep.append(sp.keep(delta, j, ws).reshape(-1))
-            bounds = [b or (-math.inf, math.inf, False, False) for b in bounds]
-        factors = [sp.factors() for sp in state]
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-        # a strict bound is the next float32 the other way: the same comparison, exactly
-        lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32)
-        hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32)
-        lo = torch.where(torch.tensor([b[2] for b in bounds]), torch.nextafter(lo, _INF), lo)
-        hi = torch.where(torch.tensor([b[3] for b in bounds]), torch.nextafter(hi, -_INF), hi)
-        f32 = dict(dtype=torch.float32, device=device)
-        rescaled = any(f != (1.0, 1.0) for f in factors)
+                keep.append(sp.keep(delta, j, ws, f"keep{i}").reshape(-1))
+        lo, hi = state.window_bounds([b or (-math.inf, math.inf, False, False) for b in bounds])
+        l1, inv, w, lam, divisor = state.constants
         return kernel("task_vectors")(
-            inputs.flat_rows(base, r0, r1),
-            [inputs.chunk_inputs(i, r0, r1) for i in range(len(state))], keep,
-            lo.to(device), hi.to(device),
-            torch.tensor([f[0] for f in factors], **f32), torch.tensor([f[1] for f in factors], **f32),
-            torch.tensor(weights, **f32), torch.tensor(float(g["lambda"]), **f32),
-            torch.tensor(float(divisor), **f32), out.target.reshape(-1),
-            self.consensus, bool(g["normalize"]), rescaled, inputs.task_vectors is not None,
-            inputs.read_dtype, out.dtype)
+            inputs.flat_rows(base, r0, r1), [inputs.chunk_inputs(i, r0, r1) for i in range(len(plan))],
+            keep, lo, hi, l1, inv, w, lam, divisor, out.target.reshape(-1), self.consensus,
+            bool(g["normalize"]), state.rescaled, inputs.task_vectors is not None, inputs.read_dtype,
+            out.dtype)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         """One whole tensor in float32 (outside the engine: the same arithmetic)."""
@@ -144,6 +130,45 @@ class TaskVectorMethod(MergeMethod):
         state = self.prepare(whole, ws)
         self.merge_chunk(whole, state, 0, 0, whole.rows, ChunkOut(result, result.dtype), ws)
         return result
+
+
+@dataclass
+class _Prepared:
+    """A tensor's sparsifiers and the kernel's coefficients, made once per tensor."""
+
+    sparsifiers: list[Sparsifier]
+    constants: tuple[torch.Tensor, ...]  # l1, inv, weights, lambda, divisor
+    rescaled: bool
+    device: torch.device
+    bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plan: list[Sparsifier], inputs: TensorInputs, method: TaskVectorMethod) -> _Prepared:
+        device = inputs.device
+        weights = [p["weight"] for p in inputs.model_params]
+        divisor = sum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        factors = [sp.factors() for sp in plan]
+        f32 = dict(dtype=torch.float32, device=device)
+        constants = (torch.tensor([f[0] for f in factors], **f32),
+                     torch.tensor([f[1] for f in factors], **f32), torch.tensor(weights, **f32),
+                     torch.tensor(float(inputs.global_params["lambda"]), **f32),
+                     torch.tensor(float(divisor), **f32))
+        return cls(plan, constants, any(f != (1.0, 1.0) for f in factors), device)
+
+    def window_bounds(self, bounds: list[tuple[float, float, bool, bool]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each input's ``lo`` and ``hi``, a strict bound as the next float32 the other way
+        (the same comparison, exactly); chunks with the same bounds share the tensors."""
+        key = tuple(bounds)
+        if key not in self.bounds:
+            lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32)
+            hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32)
+            lo = torch.where(torch.tensor([b[2] for b in bounds]), torch.nextafter(lo, _INF), lo)
+            hi = torch.where(torch.tensor([b[3] for b in bounds]), torch.nextafter(hi, -_INF), hi)
+            self.bounds[key] = (lo.to(self.device), hi.to(self.device))
+        return self.bounds[key]
 
 
 def _whole(inputs: MergeInputs) -> TensorInputs:
