@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 
 # Elements per chunk when a method merges a tensor piece by piece in float32
 # (workers.tensor_merge): each float32 scratch buffer of a chunked merge is this big.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 # Methods whose output at each entry depends only on the inputs at that entry and on
 # per-tensor statistics (a trimming threshold, an L1 norm): merged in chunks, so their

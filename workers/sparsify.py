@@ -564,8 +564,10 @@ class Sparsifier:
             return ws.get(role, mask).copy_(mask)
         assert self.generator is not None
         if self.kind == "random":
-            draw = torch.rand(delta.shape, generator=self.generator)
-            return (draw < self.density).to(device=delta.device, dtype=delta.dtype)
+            cpu = delta if delta.device.type == "cpu" else delta.cpu()
+            draw = torch.rand(delta.shape, generator=self.generator, out=ws.get("rand", cpu, torch.float32))
+            keep = torch.lt(draw, self.density, out=ws.get(role, cpu))
+            return keep if keep.device == delta.device else keep.to(delta.device)
         rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
         rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 2 else rows
         ncols = rows.shape[1]
