@@ -22,9 +22,9 @@ PS = {
     "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
     "dare_linear": ({"weight": 0.7, "density": 0.5}, {"rescale_mode": "inverse_density"}),
     "breadcrumbs": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {}),
-    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {}),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"rescale": True}),
     "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
-    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"rescale_mode": "inverse_density"}),
     "slerp": ({}, {"t": [0.2, 0.8]}),
     "model_stock": ({}, {}),
 }

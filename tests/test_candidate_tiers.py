@@ -11,36 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from search_spaces.recipe import Recipe
+from tests.test_candidate import PS, ps_recipe
 from workers.candidate import CandidateBuilder
 from workers.merge import merge
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9, 8, 7, 6, 5]])
 TIERS = ("resident", "streamed", "mapped")
-
-PS = {
-    "linear": ({"weight": 0.6}, {}),
-    "task_arithmetic": ({"weight": [0.8, 1.3]}, {"lambda": 0.9}),
-    "ties": ({"weight": 1.0, "density": [0.3, 0.7]}, {}),
-    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
-    "dare_linear": ({"weight": 0.7, "density": 0.5}, {"rescale_mode": "inverse_density"}),
-    "breadcrumbs": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {}),
-    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.6, "gamma": 0.05}, {"rescale": True}),
-    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
-    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"rescale_mode": "inverse_density"}),
-    "slerp": ({}, {"t": [0.2, 0.8]}),
-    "model_stock": ({}, {}),
-}
-
-
-def ps_recipe(method: str, base: Path, experts: list[Path]) -> Recipe:
-    per_model, global_params = PS[method]
-    used = experts[:1] if method == "slerp" else experts
-    models = [{"model": str(e), "parameters": dict(per_model)} for e in used]
-    if method == "linear":
-        models.append({"model": str(base), "parameters": {"weight": 0.4}})
-    return Recipe.from_dict({"merge_method": method, "base_model": str(base), "models": models,
-                             "parameters": global_params, "seed": 11})
-
 
 def stacking(experts: list[Path], n: int) -> Recipe:
     return Recipe.from_dict({"merge_method": "passthrough", "slices": [
