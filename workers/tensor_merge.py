@@ -106,21 +106,6 @@ class TensorInputs:
             return out.copy_(self.rows_of(self.task_vectors[i], r0, r1))
         return self.input_chunk(i, r0, r1, ws, role).sub_(base)
 
-    def task_vector_at(self, i: int, index: torch.Tensor) -> torch.Tensor:
-        """Entries ``index`` (flat) of task vector ``i``, in the compute dtype."""
-        index = index.to(self.device)
-        if self.task_vectors is not None:
-            return self.task_vectors[i].reshape(-1)[index]
-        assert self.base is not None
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            v = t.reshape(-1)[index]
-            if self.read_dtype is not None and v.dtype != self.read_dtype:
-                v = v.to(self.read_dtype)
-            return v.to(self.compute_dtype)
-
-        return pick(self.tensors[i]) - pick(self.base)
-
     def flat_rows(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of ``t`` as a flat view (no copy)."""
         return self.rows_of(t, r0, r1).reshape(-1)
