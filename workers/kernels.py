@@ -123,7 +123,7 @@ def count_equal(base: torch.Tensor, x: torch.Tensor, value: torch.Tensor, deltas
     return (d.abs() == value).float().sum()
 
 
-SUB_BITS = 13  # workers.sparsify.MagnitudeHistogram.SHIFT: the low bits inside one bin
+SUB_BITS = 12  # workers.sparsify.MagnitudeHistogram.SHIFT: the low bits inside one bin
 
 
 def sub_bins(base: torch.Tensor, x: torch.Tensor, bin_id: torch.Tensor, deltas: bool,

@@ -280,29 +280,39 @@ class MagnitudeHistogram:
     """Exact counts of a task vector's float32 magnitudes in narrow bins.
 
     A non-negative float's bit pattern orders as the float does, so dropping its low
-    ``SHIFT`` bits gives bins of relative width 2^-10 (magnitudes below 2^-30 share the
-    first bin, above 2^10 the last). 41k bins, 330 KB: a worker keeps one per task
-    vector (``TensorInputs.magnitude_histogram``), built in one pass at first use. For
-    any trim it names the bin that holds the threshold and how many entries lie above
-    it, exactly, so finding the threshold only has to gather that bin's entries
-    (about 0.1 % of them).
+    ``SHIFT`` bits gives bins of relative width 2^-11 (magnitudes below 2^-30 share the
+    first bin, above 2^10 the last): 82k bins, each with its count, lowest and highest
+    value (1.3 MB; a worker keeps one per task vector, ``TensorInputs.magnitude_histogram``,
+    built in one pass at first use). For any trim it names the bin that holds the
+    threshold and how many entries lie above it, exactly. A bin of one value (common:
+    bf16 task vectors are made of few values) gives the threshold with no pass at all;
+    a crowded bin of several values is resolved by one counting pass (kept for later
+    candidates); a sparse bin's few entries are gathered.
     """
 
-    SHIFT = 13
-    FIRST = _float_bits(2.0**-30) >> 13
-    BINS = (_float_bits(2.0**10) >> 13) - (_float_bits(2.0**-30) >> 13) + 1
+    SHIFT = 12
+    FIRST = _float_bits(2.0**-30) >> 12
+    BINS = (_float_bits(2.0**10) >> 12) - (_float_bits(2.0**-30) >> 12) + 1
     MAX_DETAILS = 256  # bins resolved to exact values, kept per task vector
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(self.BINS, dtype=torch.int64)
+        self.counts = torch.zeros(self.BINS, dtype=torch.int32)
         self.lows = torch.full((self.BINS,), math.inf)
         self.highs = torch.full((self.BINS,), -math.inf)
         self.n = 0
+        self._from_top: torch.Tensor | None = None
         self.details: dict[int, BinDetail] = {}
+
+    @property
+    def from_top(self) -> torch.Tensor:
+        """Entries in each bin and every bin above it, from the top bin down (cached)."""
+        if self._from_top is None:
+            self._from_top = torch.flip(self.counts, [0]).cumsum(0, dtype=torch.int32)
+        return self._from_top
 
     def bin_of(self, k: int) -> tuple[int, int]:
         """The bin holding the k-th largest magnitude, and how many entries lie above it."""
-        from_top = torch.flip(self.counts, [0]).cumsum(0)
+        from_top = self.from_top
         top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
         return self.BINS - 1 - top, (int(from_top[top - 1]) if top > 0 else 0)
 
@@ -336,7 +346,8 @@ class MagnitudeHistogram:
     def add(self, mag: torch.Tensor) -> None:
         values = mag.reshape(-1).float().cpu()
         index = ((values.view(torch.int32) >> self.SHIFT) - self.FIRST).clamp_(0, self.BINS - 1).long()
-        self.counts += torch.bincount(index, minlength=self.BINS)
+        self.counts += torch.bincount(index, minlength=self.BINS).to(torch.int32)
+        self._from_top = None
         self.lows.scatter_reduce_(0, index, values, "amin")
         self.highs.scatter_reduce_(0, index, values, "amax")
         self.n += values.numel()
@@ -344,13 +355,14 @@ class MagnitudeHistogram:
     @property
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in (self.counts, self.lows, self.highs))
+        own += self._from_top.numel() * 4 if self._from_top is not None else 0
         return own + sum(d.nbytes for d in self.details.values())
 
     def bracket(self, k: int) -> tuple[float, float, int, float | None, int]:
         """``(lo, hi, above, value, equal)``: the k-th largest magnitude lies in
         ``[lo, hi)`` and ``above`` entries lie at or above ``hi``; where every entry of
         that bin has one value, it is ``value`` (held by ``equal`` entries), else None."""
-        from_top = torch.flip(self.counts, [0]).cumsum(0)
+        from_top = self.from_top
         top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
         j = self.BINS - 1 - top
         above = int(from_top[top - 1]) if top > 0 else 0
