@@ -70,9 +70,9 @@ def test_masks_linear_and_counting_kernels_compiled_equal_eager(compiled):
     kernels.linear_kernel(xs, w, div, o1, None, torch.bfloat16)
     kernels.kernel("linear")(xs, w, div, o2, None, torch.bfloat16)
     assert torch.equal(o1, o2)
-    bin_id = torch.tensor(120_000, dtype=torch.int32)
-    assert torch.equal(kernels.sub_bins(base, xs[0], bin_id, False, None),
-                       kernels.kernel("sub_bins")(base, xs[0], bin_id, False, None))
+    ints = torch.tensor([120_000 >> 3, 12, (1 << 12) - 1], dtype=torch.int32)
+    assert torch.equal(kernels.sub_bins(base, xs[0], *ints, False, None),
+                       kernels.kernel("sub_bins")(base, xs[0], *ints, False, None))
     v = (xs[0].float() - base.float()).abs()[17]
     assert int(kernels.count_equal(base, xs[0], v, False, None)) == int(
         kernels.kernel("count_equal")(base, xs[0], v, False, None)) > 0

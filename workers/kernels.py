@@ -123,18 +123,15 @@ def count_equal(base: torch.Tensor, x: torch.Tensor, value: torch.Tensor, deltas
     return (d.abs() == value).float().sum()
 
 
-SUB_BITS = 12  # workers.sparsify.MagnitudeHistogram.SHIFT: the low bits inside one bin
-
-
-def sub_bins(base: torch.Tensor, x: torch.Tensor, bin_id: torch.Tensor, deltas: bool,
-             read_dtype: torch.dtype | None) -> torch.Tensor:
-    """For each entry of a chunk whose magnitude lies in histogram bin ``bin_id``, the
-    low bits of its float32 pattern (its exact value within the bin); ``2^13`` for the
-    others. Counting them resolves a bin to exact values without gathering entries."""
+def sub_bins(base: torch.Tensor, x: torch.Tensor, bin_id: torch.Tensor, shift: torch.Tensor,
+             low: torch.Tensor, deltas: bool, read_dtype: torch.dtype | None) -> torch.Tensor:
+    """For each entry of a chunk whose magnitude lies in histogram bin ``bin_id`` (its
+    float32 pattern shifted right by ``shift``), its low bits (``& low``: its exact value
+    within the bin); ``low + 1`` for the others. Counting them resolves a bin to exact
+    values without gathering entries."""
     d = x.float() if deltas else _float(x, read_dtype) - _float(base, read_dtype)
     bits = d.abs().view(torch.int32)
-    outside = torch.full_like(bits, 1 << SUB_BITS)
-    return torch.where((bits >> SUB_BITS) == bin_id, bits & ((1 << SUB_BITS) - 1), outside)
+    return torch.where((bits >> shift) == bin_id, bits & low, low + 1)
 
 
 KERNELS: dict[str, Callable[..., Any]] = {

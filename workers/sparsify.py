@@ -280,53 +280,98 @@ class MagnitudeHistogram:
     """Exact counts of a task vector's float32 magnitudes in narrow bins.
 
     A non-negative float's bit pattern orders as the float does, so dropping its low
-    ``SHIFT`` bits gives bins of relative width 2^-11 (magnitudes below 2^-30 share the
-    first bin, above 2^10 the last): 82k bins, each with its count, lowest and highest
-    value (1.3 MB; a worker keeps one per task vector, ``TensorInputs.magnitude_histogram``,
-    built in one pass at first use). For any trim it names the bin that holds the
+    ``shift`` bits gives bins of relative width 2^(shift - 23): 2^-14 to start with
+    (magnitudes below 2^-30 share the first bin, above 2^10 the last). Only occupied
+    bins are kept, each with its count, lowest and highest value; a task vector that
+    occupies more than ``MAX_OCCUPIED`` bins gets coarser ones (3 bits at a time), so a
+    histogram stays under 1.3 MB (a bf16 task vector of 11M entries occupies about 18k
+    bins: 0.4 MB). A worker keeps one per task vector (``TensorInputs.magnitude_histogram``),
+    built in one pass at first use. For any trim it names the bin that holds the
     threshold and how many entries lie above it, exactly. A bin of one value (common:
     bf16 task vectors are made of few values) gives the threshold with no pass at all;
     a crowded bin of several values is resolved by one counting pass (kept for later
     candidates); a sparse bin's few entries are gathered.
     """
 
-    SHIFT = 12
-    FIRST = _float_bits(2.0**-30) >> 12
-    BINS = (_float_bits(2.0**10) >> 12) - (_float_bits(2.0**-30) >> 12) + 1
+    FINE = 9
+    MAX_OCCUPIED = 1 << 16
     MAX_DETAILS = 256  # bins resolved to exact values, kept per task vector
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(self.BINS, dtype=torch.int32)
-        self.lows = torch.full((self.BINS,), math.inf)
-        self.highs = torch.full((self.BINS,), -math.inf)
+        self.shift = self.FINE
+        self.first, self.bins = self._range(self.shift)
+        self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            torch.zeros(self.bins, dtype=torch.int64), torch.full((self.bins,), math.inf),
+            torch.full((self.bins,), -math.inf))
+        self.ids = self.counts = self.lows = self.highs = self.from_top = torch.empty(0)
         self.n = 0
-        self._from_top: torch.Tensor | None = None
         self.details: dict[int, BinDetail] = {}
 
-    @property
-    def from_top(self) -> torch.Tensor:
-        """Entries in each bin and every bin above it, from the top bin down (cached)."""
-        if self._from_top is None:
-            self._from_top = torch.flip(self.counts, [0]).cumsum(0, dtype=torch.int32)
-        return self._from_top
+    @staticmethod
+    def _range(shift: int) -> tuple[int, int]:
+        first = _float_bits(2.0**-30) >> shift
+        return first, (_float_bits(2.0**10) >> shift) - first + 1
+
+    def add(self, mag: torch.Tensor) -> None:
+        assert self._dense is not None, "a compacted histogram takes no more entries"
+        counts, lows, highs = self._dense
+        values = mag.reshape(-1).float().cpu()
+        index = ((values.view(torch.int32) >> self.shift) - self.first).clamp_(0, self.bins - 1).long()
+        counts += torch.bincount(index, minlength=self.bins)
+        lows.scatter_reduce_(0, index, values, "amin")
+        highs.scatter_reduce_(0, index, values, "amax")
+        self.n += values.numel()
+
+    def compact(self) -> None:
+        """Keep the occupied bins only (coarser bins if there are too many)."""
+        if self._dense is None:
+            return
+        counts, lows, highs = self._dense
+        self._dense = None
+        ids = torch.nonzero(counts).squeeze(1)
+        counts, lows, highs = counts[ids], lows[ids], highs[ids]
+        while ids.numel() > self.MAX_OCCUPIED:
+            first, _ = self._range(self.shift + 3)
+            coarse = ((ids + self.first) >> 3) - first
+            ids, inverse = torch.unique_consecutive(coarse, return_inverse=True)
+            counts = torch.zeros(ids.numel(), dtype=torch.int64).index_add_(0, inverse, counts)
+            lows = torch.full((ids.numel(),), math.inf).scatter_reduce_(0, inverse, lows, "amin")
+            highs = torch.full((ids.numel(),), -math.inf).scatter_reduce_(0, inverse, highs, "amax")
+            self.shift += 3
+            self.first, self.bins = self._range(self.shift)
+        self.ids, self.counts = ids.to(torch.int32), counts.to(torch.int32)
+        self.lows, self.highs = lows, highs
+        self.from_top = torch.flip(counts, [0]).cumsum(0).to(torch.int32)
+
+    def at(self, k: int) -> tuple[int, int, int]:
+        """``(position, bin, above)``: where the k-th largest magnitude lies."""
+        self.compact()
+        top = int(torch.searchsorted(self.from_top, torch.tensor(k, dtype=torch.int32)))
+        p = self.ids.numel() - 1 - top
+        return p, int(self.ids[p]), (int(self.from_top[top - 1]) if top > 0 else 0)
 
     def bin_of(self, k: int) -> tuple[int, int]:
         """The bin holding the k-th largest magnitude, and how many entries lie above it."""
-        from_top = self.from_top
-        top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
-        return self.BINS - 1 - top, (int(from_top[top - 1]) if top > 0 else 0)
+        _p, j, above = self.at(k)
+        return j, above
+
+    def bounds(self, j: int) -> tuple[float, float]:
+        """Bin ``j``'s ``[lo, hi)``."""
+        lo = 0.0 if j == 0 else _bits_float((j + self.first) << self.shift)
+        hi = math.inf if j == self.bins - 1 else _bits_float((j + 1 + self.first) << self.shift)
+        return lo, hi
 
     def resolvable(self, j: int) -> bool:
         """Whether bin ``j`` can be resolved to exact values by its low bits (not the
         clamped first and last bins)."""
-        return 0 < j < self.BINS - 1
+        return 0 < j < self.bins - 1
 
     def resolve(self, k: int) -> tuple[float, int, int, list[int] | None] | None:
         """The k-th largest magnitude exactly — ``(value, above, equal, ties per chunk
         or None)`` — if its bin holds one value or was resolved (``details``), else None."""
-        j, above = self.bin_of(k)
-        if bool(self.lows[j] == self.highs[j]):
-            return float(self.lows[j]), above, int(self.counts[j]), None
+        p, j, above = self.at(k)
+        if bool(self.lows[p] == self.highs[p]):
+            return float(self.lows[p]), above, int(self.counts[p]), None
         detail = self.details.get(j)
         if detail is None:
             return None
@@ -334,7 +379,7 @@ class MagnitudeHistogram:
         from_top = torch.flip(detail.counts, [0]).cumsum(0)
         top = int(torch.searchsorted(from_top, torch.tensor(k - above)))
         sub = int(detail.subs[detail.subs.numel() - 1 - top])
-        value = _bits_float(((j + self.FIRST) << self.SHIFT) | sub)
+        value = _bits_float(((j + self.first) << self.shift) | sub)
         above += int(from_top[top - 1]) if top > 0 else 0
         return value, above, int(detail.counts[detail.subs.numel() - 1 - top]), detail.ties.get(sub)
 
@@ -343,33 +388,19 @@ class MagnitudeHistogram:
         while len(self.details) > self.MAX_DETAILS:
             self.details.pop(next(iter(self.details)))
 
-    def add(self, mag: torch.Tensor) -> None:
-        values = mag.reshape(-1).float().cpu()
-        index = ((values.view(torch.int32) >> self.SHIFT) - self.FIRST).clamp_(0, self.BINS - 1).long()
-        self.counts += torch.bincount(index, minlength=self.BINS).to(torch.int32)
-        self._from_top = None
-        self.lows.scatter_reduce_(0, index, values, "amin")
-        self.highs.scatter_reduce_(0, index, values, "amax")
-        self.n += values.numel()
-
     @property
     def nbytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in (self.counts, self.lows, self.highs))
-        own += self._from_top.numel() * 4 if self._from_top is not None else 0
-        return own + sum(d.nbytes for d in self.details.values())
+        parts = (self.ids, self.counts, self.lows, self.highs, self.from_top) + (self._dense or ())
+        return sum(t.numel() * t.element_size() for t in parts) + sum(d.nbytes for d in self.details.values())
 
     def bracket(self, k: int) -> tuple[float, float, int, float | None, int]:
         """``(lo, hi, above, value, equal)``: the k-th largest magnitude lies in
         ``[lo, hi)`` and ``above`` entries lie at or above ``hi``; where every entry of
         that bin has one value, it is ``value`` (held by ``equal`` entries), else None."""
-        from_top = self.from_top
-        top = int(torch.searchsorted(from_top, torch.tensor(k)))  # first cumulative count >= k
-        j = self.BINS - 1 - top
-        above = int(from_top[top - 1]) if top > 0 else 0
-        lo = 0.0 if j == 0 else _bits_float((j + self.FIRST) << self.SHIFT)
-        hi = math.inf if j == self.BINS - 1 else _bits_float((j + 1 + self.FIRST) << self.SHIFT)
-        single = float(self.lows[j]) if bool(self.lows[j] == self.highs[j]) else None
-        return lo, hi, above, single, int(self.counts[j])
+        p, j, above = self.at(k)
+        lo, hi = self.bounds(j)
+        single = float(self.lows[p]) if bool(self.lows[p] == self.highs[p]) else None
+        return lo, hi, above, single, int(self.counts[p])
 
 
 class WindowSearch:
@@ -415,11 +446,15 @@ class WindowSearch:
         """Bins to resolve to exact values (``BinDetail``) before this search is known."""
         if self.histogram is None:
             return []
-        bins = [self.histogram.bin_of(k)[0] for t, k in enumerate(self.targets) if self.known[t] is None]
         # a bin of a few entries is cheaper to gather (``observe``) than to count by value
         crowded = self.n // 1024
-        return [j for j in dict.fromkeys(bins)
-                if self.histogram.resolvable(j) and int(self.histogram.counts[j]) > crowded]
+        wanted: list[int] = []
+        for t, k in enumerate(self.targets):
+            if self.known[t] is None:
+                p, j, _above = self.histogram.at(k)
+                if self.histogram.resolvable(j) and int(self.histogram.counts[p]) > crowded:
+                    wanted.append(j)
+        return list(dict.fromkeys(wanted))
 
     @property
     def needed(self) -> bool:

@@ -168,15 +168,17 @@ class TensorInputs:
         from workers.kernels import kernel
         from workers.sparsify import BinDetail
 
-        size = 1 << MagnitudeHistogram.SHIFT
         parts: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {
             (i, j): [] for i, bins in wanted.items() for j in bins}
         for r0, r1 in self.chunk_rows():
             b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
             for i, j in parts:
+                histogram = self.magnitude_histogram(i)
+                size = 1 << histogram.shift
                 x = self.chunk_inputs(i, r0, r1)
-                bin_id = torch.tensor(j + MagnitudeHistogram.FIRST, dtype=torch.int32, device=x.device)
-                index = kernel("sub_bins")(b if b is not None else x, x, bin_id,
+                ints = torch.tensor([j + histogram.first, histogram.shift, size - 1], dtype=torch.int32,
+                                    device=x.device)
+                index = kernel("sub_bins")(b if b is not None else x, x, ints[0], ints[1], ints[2],
                                            self.task_vectors is not None, self.read_dtype)
                 counts = torch.bincount(index.reshape(-1).cpu(), minlength=size + 1)[:size]
                 subs = torch.nonzero(counts).squeeze(1)
@@ -187,7 +189,6 @@ class TensorInputs:
     def magnitude_histogram(self, i: int):
         """Task vector ``i``'s exact magnitude histogram (``workers.sparsify``); kept in
         ``histograms`` when the caller gives one."""
-        from workers.sparsify import MagnitudeHistogram
 
         key = self.histogram_keys[i] if self.histogram_keys is not None else None
         if self.histograms is not None and key in self.histograms:
@@ -196,6 +197,7 @@ class TensorInputs:
         for r0, r1 in self.chunk_rows():
             b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
             histogram.add(self._magnitudes(self.chunk_inputs(i, r0, r1), b))
+        histogram.compact()
         if self.histograms is not None:
             self.histograms[key] = histogram
         return histogram
