@@ -163,12 +163,9 @@ class CandidateBuilder:
             self._resident, self._resident_key = model, (ref, dtype)
         return self._resident
 
-    def _key(self, model: str, name: str) -> Key:
-        return (model, name)
-
     def _inputs(self, plan: MergePlan, task: TensorTask) -> TensorInputs:
-        base_key = self._key(task.base.model, task.base.name) if task.base else None
-        keys = [self._key(s.model, s.name) for s in task.inputs]
+        base_key: Key | None = (task.base.model, task.base.name) if task.base else None
+        keys: list[Key] = [(s.model, s.name) for s in task.inputs]
         cached = None
         if self.cache_task_vectors and base_key is not None:
             cached = [self._task_vector(plan, task, k, base_key) for k in keys]
@@ -218,7 +215,7 @@ class CandidateBuilder:
     def _stacked_tensor(self, plan: MergePlan, task: TensorTask, dtype: torch.dtype) -> torch.Tensor:
         """One tensor of a stacked candidate: the source's own where nothing changes it."""
         src = task.inputs[0]
-        key = self._key(src.model, src.name)
+        key: Key = (src.model, src.name)
         t = self.sources.keep(key)
         scale = task.model_params[0].get("scale", 1.0)
         plain = scale == 1 and task.residual_scale in (None, 1) and (

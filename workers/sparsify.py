@@ -350,11 +350,6 @@ class MagnitudeHistogram:
         p = self.ids.numel() - 1 - top
         return p, int(self.ids[p]), (int(self.from_top[top - 1]) if top > 0 else 0)
 
-    def bin_of(self, k: int) -> tuple[int, int]:
-        """The bin holding the k-th largest magnitude, and how many entries lie above it."""
-        _p, j, above = self.at(k)
-        return j, above
-
     def bounds(self, j: int) -> tuple[float, float]:
         """Bin ``j``'s ``[lo, hi)``."""
         lo = 0.0 if j == 0 else _bits_float((j + self.first) << self.shift)

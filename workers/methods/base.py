@@ -99,9 +99,6 @@ class MergeInputs:
             return [t.sub_(self.base) for t in self.tensors]
         return [t - self.base for t in self.tensors]
 
-    def generator(self, index: int) -> torch.Generator:
-        return tensor_generator(self.seed, self.name, index)
-
 
 def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
     """A CPU generator seeded by (recipe seed, tensor name, model index): a seed gives the
