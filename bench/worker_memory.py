@@ -289,18 +289,13 @@ def evict(files: list[Path]) -> None:
 
 # ---- the parent ----------------------------------------------------------------------------
 def bandwidth(threads: int) -> float:
-    """Copy bandwidth in bytes/s (read + written), ``Tensor.copy_`` of 1 GB, best of 3."""
+    """Copy bandwidth in bytes/s (read + written): bench/materialize.py's measure, on
+    ``threads`` threads."""
     import torch
+    from materialize import bandwidth_gb_s
 
     torch.set_num_threads(threads)
-    src = torch.ones(250_000_000)  # 1 GB of float32, pages touched
-    dst = torch.zeros_like(src)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * src.element_size() / best
+    return bandwidth_gb_s() * 1e9
 
 
 def mem_available() -> int:
