@@ -12,8 +12,8 @@ different per-layer coefficients (the search's inner loop). The child measures
   one model's size on disk;
 - seconds per candidate (median of the builds after the set-up) and set-up seconds.
 
-The parent measures this machine's copy bandwidth (``Tensor.copy_`` of a 1 GB buffer,
-best of 3, bytes read + written per second) and gives each candidate its roofline: the
+The parent measures this machine's copy bandwidth (``Tensor.copy_`` of a 1 GiB buffer,
+best of 5 (bench/materialize.py), bytes read + written per second) and gives each candidate its roofline: the
 bytes it must move — every source read once in its stored dtype, the candidate written
 once — over that bandwidth. It prints a markdown table and checks the issue's goals:
 
