@@ -149,3 +149,46 @@ def test_large_tensors_use_the_histogram_and_still_merge_exactly(tmp_path_factor
             for builder in builders:
                 for _ in range(2):  # the second time with the histograms kept from the first
                     assert torch.equal(logits(builder.build(recipe)), want), (noise, method, builder.tier)
+
+
+@pytest.mark.parametrize("tier", ["streamed", "mapped"])
+def test_big_tensors_are_staged_a_chunk_of_rows_at_a_time(bf16_llama, monkeypatch, tier):
+    """A GPU worker that stages its sources hands the merge a tensor above SLICE_ABOVE as
+    the host tensor itself (nothing queued for the device, no whole-tensor staging
+    buffer); TensorInputs copies its rows chunk by chunk. Here the worker is told it is
+    a GPU one (its copies stay on the CPU): the routing, and the merge's result."""
+    import workers.sources as sources_module
+    from workers.methods import get
+    from workers.model_io import LazyModel
+    from workers.sparsify import Workspace
+    from workers.tensor_merge import TensorInputs, merge_into
+
+    base, experts = bf16_llama
+    models = {str(p): LazyModel(str(p)) for p in (base, *experts)}
+    monkeypatch.setattr(sources_module, "SLICE_ABOVE", 1_000)
+    src = sources_module.open_sources(tier, models, "cpu")
+    src.cuda = True  # as a GPU worker routes; its side stream stays None, so copies stay on the CPU
+    name = "model.embed_tokens.weight"
+    keys = [(str(p), name) for p in (base, *experts)]
+    infos = models[str(base)].tensors
+    assert infos[name].nbytes > 1_000 > infos["model.norm.weight"].nbytes
+    staged = [src.for_merge(k) for k in keys]
+    assert not src._ready and all(slot == [None, None] for slot in getattr(src, "_ring", []))
+    for key, t in zip(keys, staged):
+        assert torch.equal(t, models[key[0]].get(name)) and t.dtype == torch.bfloat16
+    if tier == "streamed":  # (the mapped tier would pin a staging buffer: CUDA only)
+        small = (str(base), "model.norm.weight")
+        src.for_merge(small)
+        assert small in src._ready  # a small tensor still goes to the device whole
+    params = [{"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.6}]
+    method = get("ties")
+    g = {p.name: p.default for p in method.global_params if not p.required}
+
+    def merged(tensors: list[torch.Tensor]) -> torch.Tensor:
+        inputs = TensorInputs(name=name, shape=tuple(tensors[0].shape), base=tensors[0], tensors=tensors[1:],
+                              model_params=params, global_params=g, chunk_elements=200,
+                              device=torch.device("cpu"))
+        return merge_into(method, inputs, torch.empty(tensors[0].shape, dtype=torch.bfloat16),
+                          out_dtype=torch.bfloat16, ws=Workspace())
+
+    assert torch.equal(merged(staged), merged([models[k[0]].get(name) for k in keys]))

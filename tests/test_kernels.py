@@ -20,13 +20,13 @@ def chunk(n: int, seed: int, dtype=torch.bfloat16) -> tuple[torch.Tensor, list[t
 
 
 def tv_args(base, xs, *, keep=None, consensus="sum", normalize=True, rescaled=False,
-            out_dtype=torch.bfloat16, lo=0.001, hi=float("inf")):
+            out_dtype=torch.bfloat16, lo=0.001, hi=float("inf"), trim="lo"):
     f32 = dict(dtype=torch.float32)
     n = len(xs)
     return (base, xs, keep, torch.full((n,), lo), torch.full((n,), hi), torch.full((n,), 1.3, **f32),
             torch.full((n,), 0.5, **f32), torch.tensor([0.7, -0.4, 1.2][:n]), torch.tensor(0.9),
             torch.tensor(1.5), torch.empty(base.numel(), dtype=out_dtype), consensus, normalize,
-            rescaled, False, None, out_dtype)
+            rescaled, False, trim, None, out_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def compiled():
 
 CASES = {
     "ties": dict(),
-    "task_arithmetic": dict(consensus=None, normalize=False, lo=-float("inf")),
-    "count_consensus_rescaled": dict(consensus="count", rescaled=True, hi=0.004),
+    "task_arithmetic": dict(consensus=None, normalize=False, lo=-float("inf"), trim=None),
+    "count_consensus_rescaled": dict(consensus="count", rescaled=True, hi=0.004, trim="window"),
     "float32_out": dict(out_dtype=torch.float32),
 }
 
@@ -56,7 +56,7 @@ def test_task_vector_kernel_compiled_equals_eager(compiled, case):
     assert kernels.compiled_ok("task_vectors")
 
 
-def test_masks_linear_and_counting_kernels_compiled_equal_eager(compiled):
+def test_masks_linear_and_band_kernels_compiled_equal_eager(compiled):
     base, xs = chunk(1 << 16, seed=3)
     keep = [(torch.rand(base.numel(), generator=torch.Generator().manual_seed(i)) < 0.5).float()
             for i in range(3)]
@@ -73,14 +73,10 @@ def test_masks_linear_and_counting_kernels_compiled_equal_eager(compiled):
     ints = torch.tensor([120_000 >> 3, 12, (1 << 12) - 1], dtype=torch.int32)
     assert torch.equal(kernels.sub_bins(base, xs[0], *ints, False, None),
                        kernels.kernel("sub_bins")(base, xs[0], *ints, False, None))
-    v = (xs[0].float() - base.float()).abs()[17]
-    assert int(kernels.count_equal(base, xs[0], v, False, None)) == int(
-        kernels.kernel("count_equal")(base, xs[0], v, False, None)) > 0
     lo, hi = torch.tensor(0.001), torch.tensor(0.002)
     assert torch.equal(kernels.band_blocks(base, xs[0], lo, hi, False, None),
                        kernels.kernel("band_blocks")(base, xs[0], lo, hi, False, None))
-    assert all(kernels.compiled_ok(k) for k in ("task_vectors", "linear", "sub_bins", "count_equal",
-                                                 "band_blocks"))
+    assert all(kernels.compiled_ok(k) for k in ("task_vectors", "linear", "sub_bins", "band_blocks"))
 
 
 def test_a_compiled_worker_scores_what_the_engine_writes(family, tmp_path, compiled):

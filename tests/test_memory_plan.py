@@ -18,6 +18,9 @@ from workers.memory_plan import (
     CHUNK_ELEMENTS,
     CHUNKED_METHODS,
     DEFAULT_EVAL_TOKENS,
+    HISTOGRAM_MAX_BYTES,
+    HISTOGRAM_MIN_ELEMENTS,
+    SLICE_ABOVE,
     DoesNotFit,
     EvalFacts,
     MemoryPlan,
@@ -153,9 +156,11 @@ def test_resident_when_the_device_holds_everything():
     assert p.tier == "resident" and p.device == "cuda" and p.candidate_dtype == "bfloat16"
     b = p.breakdown
     assert p.device_bytes == b["sources"] + b["candidate"] + b["workspace"] + b["evaluation"]
-    assert b["staging"] == 0 and p.host_bytes == 0 and p.page_cache_bytes == 0
+    # a trimming method's magnitude histograms are host memory (at most 1.8 MB per big tensor)
+    assert b["staging"] == 0 and p.page_cache_bytes == 0
+    assert p.host_bytes == b["magnitude_histograms"] == 198 * HISTOGRAM_MAX_BYTES  # the expert's big tensors
     assert p.moved_bytes_per_candidate == b["sources"] + b["candidate"]  # read the sources, write one model
-    assert p.summary() == (f"resident: {p.device_bytes / GB:.1f} GB on cuda, 0.0 GB host; moves "
+    assert p.summary() == (f"resident: {p.device_bytes / GB:.1f} GB on cuda, 0.4 GB host; moves "
                            f"{p.moved_bytes_per_candidate / GB:.1f} GB per candidate")
 
 
@@ -170,15 +175,17 @@ def test_the_worked_example_three_7b_bf16_on_one_80gb_gpu_is_streamed():
     assert not p.tiers["resident"].fits and "80.0 GB available" in (p.tiers["resident"].why_not or "")
     b = p.breakdown
     assert b["candidate"] == one  # a bf16 candidate of the base's shapes
-    assert b["staging"] == 2 * 3 * 152064 * 3584 * 2  # double-buffered inputs of the largest tensor
+    # double-buffered inputs of the largest tensor staged whole (SLICE_ABOVE); the embeddings and
+    # head (1.1 GB each) are staged a chunk of rows at a time
+    assert b["staging"] == 2 * 3 * SLICE_ABOVE
     assert p.device_bytes == b["candidate"] + b["workspace"] + b["staging"] + b["evaluation"]
-    assert p.host_bytes == 3 * one  # the sources, pinned
-    # the GPU holds one model plus the staging of the largest tensors' three inputs (embeddings and
-    # head, 1.1 GB each), not the three sources
-    assert p.device_bytes - b["evaluation"] <= 1.45 * one
+    assert p.host_bytes == 3 * one + b["magnitude_histograms"]  # the sources, pinned; the histograms
+    # the GPU holds one model plus the staging, not the three sources: the issue's goal is
+    # device peak <= 1.3 x one model plus the evaluation
+    assert p.device_bytes - b["evaluation"] <= 1.3 * one
     assert p.device_bytes <= 80 * GB
     assert p.moved_bytes_per_candidate == 3 * one + one + 3 * one  # read, written, copied from the host
-    assert round(p.device_bytes / GB, 1) == 73.0 and round(p.host_bytes / GB, 1) == 45.7
+    assert round(p.device_bytes / GB, 1) == 68.1 and round(p.host_bytes / GB, 1) == 46.4
 
 
 def test_mapped_when_the_host_cannot_hold_the_sources_either():
@@ -186,7 +193,8 @@ def test_mapped_when_the_host_cannot_hold_the_sources_either():
     assert p.tier == "mapped"
     assert not p.tiers["streamed"].fits and "host memory" in (p.tiers["streamed"].why_not or "")
     assert p.page_cache_bytes == p.breakdown["sources"]
-    assert p.host_bytes == p.breakdown["staging"]  # only the pinned staging buffer is anonymous
+    # only the pinned staging buffers and the histograms are anonymous
+    assert p.host_bytes == p.breakdown["staging"] + p.breakdown["magnitude_histograms"]
     assert any("page cache has room" in n for n in p.notes)  # 32 GB cannot cache 45.7 GB of sources
     sources, candidate = p.breakdown["sources"], p.breakdown["candidate"]
     # read on the device, written, copied from the page cache, and read from disk first
@@ -282,7 +290,7 @@ def test_stacking_counts_the_layers_it_can_have():
     assert any("assigns the sources' tensors" in n for n in p.notes)
     p = plan(src, method="passthrough", base="a", stacking_layers=40, limits=gpu(None), tier="streamed")
     assert p.breakdown["candidate"] == outside + 40 * a.layer_nbytes  # a full model of 40 layers
-    assert p.breakdown["staging"] == 2 * 1 * 152064 * 3584 * 2  # one input per output tensor
+    assert p.breakdown["staging"] == 2 * 1 * SLICE_ABOVE  # one input per output tensor
     p = plan(src, method="passthrough", base="a", stacking_layers=40, limits=gpu(None),
              candidate_dtype="float32")
     assert p.breakdown["candidate"] == 2 * (outside + 40 * a.layer_nbytes)  # converted: every tensor is new
@@ -299,7 +307,8 @@ def test_the_refusal_names_the_numbers_and_the_fix():
     for tier in ("resident", "streamed", "mapped"):
         need = err.tiers[tier].device_bytes / GB
         assert f"{tier} needs {need:.1f} GB of GPU memory, 24.0 GB available" in err.msg
-    assert "45.7 GB of host memory, 16.0 GB available" in err.msg  # streamed: the pinned sources
+    # streamed: the pinned sources and the histograms
+    assert "46.4 GB of host memory, 16.0 GB available" in err.msg
     assert "a bigger GPU" in err.fix and "worker.dtype: bfloat16" in err.fix
     assert "fewer or smaller sources" in err.fix and "evaluation.batch_size" in err.fix
     assert "EVOMERGE_WORKER_DEVICE_MEMORY / EVOMERGE_WORKER_HOST_MEMORY" in err.fix
@@ -348,7 +357,7 @@ def test_the_plan_is_json_and_reads_back():
     data = json.loads(json.dumps(p.model_dump(mode="json")))
     assert data["limits"] == {"device": "cuda", "device_bytes": 80 * GB, "host_bytes": 128 * GB}
     assert set(data["breakdown"]) == {"sources", "candidate", "workspace", "staging", "evaluation",
-                                      "task_vector_cache"}
+                                      "task_vector_cache", "magnitude_histograms"}
     assert set(data["tiers"]) == {"resident", "streamed", "mapped"}
     assert MemoryPlan.model_validate(data) == p
 
@@ -370,3 +379,11 @@ def test_every_merge_method_declares_whether_it_is_chunked_as_the_planner_assume
     missing = sorted(n for n, v in declared.items() if not isinstance(v, bool))
     assert not missing, f"these merge methods do not declare `chunked: ClassVar[bool]`: {missing}"
     assert {n for n, v in declared.items() if v} == set(CHUNKED_METHODS)
+
+
+def test_histogram_limits_are_the_sparsifiers():
+    """The planner (torch-free) counts magnitude histograms with the sparsifier's limits."""
+    from workers.sparsify import SAMPLE_SIZE, MagnitudeHistogram
+
+    assert HISTOGRAM_MIN_ELEMENTS == 4 * SAMPLE_SIZE
+    assert HISTOGRAM_MAX_BYTES == MagnitudeHistogram.MAX_OCCUPIED * 20 + MagnitudeHistogram.MAX_REFINED * 8

@@ -82,6 +82,29 @@ def test_ties_opposite_signs_keep_the_majority_mass():
     assert close(out, [-3.0, -1.0])
 
 
+def test_ties_a_sum_of_zero_elects_plus_as_mergekit_does():
+    # the weighted task vectors cancel: + is elected (mergekit: sum >= 0), so only +2 counts
+    out = run("ties", [0.0], [[2.0], [-2.0]], [{"weight": 1, "density": 1}] * 2)
+    assert close(out, [2.0])
+
+
+def test_ties_a_nan_that_the_election_drops_still_fails_the_merge():
+    """A NaN in one task vector loses the sign election, but the merge must not pass it
+    silently: the tensor is refused, as task arithmetic refuses it."""
+    with pytest.raises(MergeError, match="NaN or inf"):
+        from workers.tensor_merge import TensorInputs, merge_into
+
+        m = methods.get("ties")
+        g = {p.name: p.default for p in m.global_params if not p.required}
+        params = [{"weight": 1.0, "density": 1.0}] * 3
+        tensors = [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), torch.tensor([float("nan"), 1.0])]
+        inputs = TensorInputs(name="w", shape=(2,), base=torch.zeros(2), tensors=tensors,
+                              model_params=params, global_params=g)
+        from workers.sparsify import Workspace
+
+        merge_into(m, inputs, torch.empty(2), out_dtype=torch.float32, ws=Workspace())
+
+
 def test_ties_density_zero_returns_base_and_one_keeps_all():
     base = [1.0, 2.0]
     assert close(run("ties", base, [[3.0, 5.0]], [{"weight": 1, "density": 0.0}]), base)
@@ -229,9 +252,11 @@ def test_unknown_method_suggests_close_names():
 
 
 # ---- selection --------------------------------------------------------------------------
-def chunked_window(delta: torch.Tensor, start: int, count: int, chunk: int = 70_001) -> torch.Tensor:
+def chunked_window(delta: torch.Tensor, start: int, count: int, chunk: int = 70_001,
+                   refine: bool = False) -> torch.Tensor:
     """The window found and applied a chunk at a time, as the merge engine does: an exact
-    magnitude histogram names each edge's bin, the chunks give that bin's entries."""
+    magnitude histogram names each edge's bin (``refine``: with the exact values of its
+    bins of several values), the chunks give that bin's entries where it must."""
     from workers.sparsify import MagnitudeHistogram, WindowSearch
 
     flat = delta.reshape(-1)
@@ -239,20 +264,39 @@ def chunked_window(delta: torch.Tensor, start: int, count: int, chunk: int = 70_
     histogram = MagnitudeHistogram()
     for piece in pieces:
         histogram.add(piece.abs())
+    histogram.compact()
+    if refine:
+        bits, counts = torch.unique(flat.abs().view(torch.int32), return_counts=True)
+        table = histogram.refine_table()
+        index = ((bits >> histogram.shift) - histogram.first).clamp(0, histogram.bins - 1)
+        chosen = table[index] if table is not None else torch.zeros_like(bits, dtype=torch.bool)
+        histogram.refine(bits[chosen], counts[chosen])
     search = WindowSearch(flat.numel(), start, count, lambda: histogram)
+    if refine:
+        assert not search.needs_pass, "a refined histogram knows every edge"
     for piece in pieces:
         def extract(lo, hi, piece=piece):
             a = piece.abs()
             return a if lo is None else a[(a >= lo) & (a < hi)]
 
-        search.observe(piece.numel(), extract)
+        search.observe(extract)
     window = search.finish(lambda: flat.abs())
-    window.reset()
-    return torch.cat([window.mask(piece.abs(), j).clone() for j, piece in enumerate(pieces)]).bool()
+    return torch.cat([window.mask(piece.abs()).clone() for piece in pieces]).bool()
+
+
+def expected_window(delta: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """By a full sort: every entry between the (start + count)-th and (start + 1)-th
+    largest magnitudes, both included (ties with an edge are kept)."""
+    ordered = torch.sort(delta.abs().reshape(-1), descending=True).values
+    a = delta.abs()
+    keep = a >= ordered[start + count - 1]
+    if start > 0:
+        keep &= a <= ordered[start]
+    return keep
 
 
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9, 0.999])
-def test_top_k_mask_keeps_exactly_the_k_largest(density):
+def test_top_k_mask_keeps_the_k_largest_and_their_ties(density):
     from workers.sparsify import top_k_mask
 
     g = torch.Generator().manual_seed(1)
@@ -260,39 +304,67 @@ def test_top_k_mask_keeps_exactly_the_k_largest(density):
     delta = (torch.randn(600_000, generator=g) * 50).round() / 50
     k = max(1, int(density * delta.numel()))
     mask = top_k_mask(delta, k).bool()
-    assert int(mask.sum()) == k
     kept, dropped = delta.abs()[mask], delta.abs()[~mask]
+    assert int(mask.sum()) >= k
     if dropped.numel():
-        assert kept.min() >= dropped.max()
-    assert torch.equal(chunked_window(delta, 0, k), mask)
+        assert kept.min() > dropped.max()  # ties with the k-th are kept, all of them
+    assert int((delta.abs() > kept.min()).sum()) < k  # and nothing more: the k-th is the edge
+    assert torch.equal(mask, expected_window(delta, 0, k))
+    for refine in (False, True):
+        assert torch.equal(chunked_window(delta, 0, k, refine=refine), mask)
+    clean = torch.randn(600_000, generator=g)  # no ties: exactly k
+    assert int(top_k_mask(clean, k).sum()) == k
 
 
 @pytest.mark.parametrize("start,count", [(0, 1), (5, 100), (1000, 50_000), (0, 599_999), (599_999, 1)])
-def test_rank_window_matches_a_stable_sort(start, count):
-    from workers.sparsify import rank_window_mask
+def test_window_mask_between_its_edges(start, count):
+    from workers.sparsify import window_mask
 
     g = torch.Generator().manual_seed(2)
     delta = (torch.randn(600_000, generator=g) * 20).round() / 20  # heavy ties
-    order = torch.sort(delta.abs(), descending=True, stable=True).indices
-    expected = torch.zeros_like(delta, dtype=torch.bool)
-    expected[order[start : start + count]] = True
-    assert torch.equal(rank_window_mask(delta, start, count).bool(), expected)
-    assert torch.equal(chunked_window(delta, start, count), expected)
-    clean = torch.randn(600_000, generator=g)  # no ties
-    order = torch.sort(clean.abs(), descending=True, stable=True).indices
-    expected = torch.zeros_like(clean, dtype=torch.bool)
-    expected[order[start : start + count]] = True
-    assert torch.equal(chunked_window(clean, start, count), expected)
+    expected = expected_window(delta, start, count)
+    assert torch.equal(window_mask(delta, start, count).bool(), expected)
+    for refine in (False, True):
+        assert torch.equal(chunked_window(delta, start, count, refine=refine), expected)
+    clean = torch.randn(600_000, generator=g)  # no ties: exactly the ranks asked for
+    order = torch.sort(clean.abs(), descending=True).indices
+    exact = torch.zeros_like(clean, dtype=torch.bool)
+    exact[order[start : start + count]] = True
+    assert torch.equal(chunked_window(clean, start, count), exact)
 
 
 def test_window_with_huge_runs_of_one_value():
-    """A tensor with one huge run of a single value, the rest spread out: the window's
-    edges fall inside the run or at its ends, and ties are picked by position."""
+    """A tensor with one huge run of a single value, the rest spread out: an edge that
+    falls inside the run keeps all of it."""
     delta = torch.zeros(500_000)
     delta[::2] = 1.0
     delta[1::7] = torch.linspace(0.001, 0.5, delta[1::7].numel())
-    order = torch.sort(delta.abs(), descending=True, stable=True).indices
-    for start, count in [(0, 250_001), (3, 249_990), (249_000, 5_000)]:
-        expected = torch.zeros_like(delta, dtype=torch.bool)
-        expected[order[start:start + count]] = True
-        assert torch.equal(chunked_window(delta, start, count), expected), (start, count)
+    for start, count in [(0, 250_001), (3, 249_990), (249_000, 5_000), (0, 10)]:
+        expected = expected_window(delta, start, count)
+        for refine in (False, True):
+            assert torch.equal(chunked_window(delta, start, count, refine=refine), expected), (start, count)
+
+
+def test_bf16_task_vectors_refine_to_exact_values():
+    """Task vectors of bf16 sources hold few distinct values: a histogram refined in
+    one pass knows every threshold, so no candidate needs a pass to find its trim."""
+    from workers.tensor_merge import TensorInputs
+
+    g = torch.Generator().manual_seed(3)
+    base = (0.02 * torch.randn(700, 1000, generator=g)).bfloat16()
+    expert = (base.float() + 0.002 * torch.randn(700, 1000, generator=g)).bfloat16()
+    inputs = TensorInputs(name="w", shape=(700, 1000), base=base, tensors=[expert],
+                          model_params=[{"weight": 1.0}], global_params={}, chunk_elements=100_000)
+    histogram = inputs.magnitude_histogram(0)
+    assert histogram.refined, "this task vector has bins of several values"
+    delta = (expert.float() - base.float()).reshape(-1)
+    values = torch.sort(delta.abs(), descending=True).values
+    for density in (0.01, 0.2, 0.5, 0.77, 0.95):
+        k = int(density * delta.numel())
+        assert histogram.resolve(k) == float(values[k - 1]), density
+    wide = TensorInputs(name="w", shape=(700, 1000), base=base.float(),
+                        tensors=[base.float() + 0.002 * torch.randn(700, 1000, generator=g)],
+                        model_params=[{"weight": 1.0}], global_params={}, chunk_elements=100_000)
+    assert not wide.magnitude_histogram(0).refined, "float32 task vectors: too many values to keep"
+
+

@@ -65,7 +65,7 @@ def test_a_study_has_a_memory_plan_and_its_worker_spec_carries_it(make_client, l
     assert plan["tier"] == "resident" and plan["device"] == "cpu"  # the tiny models fit this machine
     assert plan["candidate_dtype"] == "float32"  # auto: the zoo's own dtype
     assert set(plan["breakdown"]) == {"sources", "candidate", "workspace", "staging", "evaluation",
-                                      "task_vector_cache"}
+                                      "task_vector_cache", "magnitude_histograms"}
     assert plan["breakdown"]["sources"] > 0 and plan["device_bytes"] >= plan["breakdown"]["sources"]
     assert not plan["tiers"]["streamed"]["fits"]  # never streamed on a CPU worker
     assert plan["limits"]["device"] == "cpu" and plan["limits"]["host_bytes"] > 0
@@ -142,7 +142,8 @@ def test_gpu_workers_are_planned_with_the_memory_the_settings_give(make_client, 
     assert r.status_code == 201, r.text
     plan = r.json()["memory_plan"]
     assert plan["tier"] == "streamed" and plan["device"] == "cuda" and plan["breakdown"]["staging"] > 0
-    assert plan["host_bytes"] == plan["breakdown"]["sources"]  # pinned on the host
+    # pinned on the host, beside the magnitude histograms of a trimming method
+    assert plan["host_bytes"] == plan["breakdown"]["sources"] + plan["breakdown"]["magnitude_histograms"]
     assert plan["limits"] == {"device": "cuda", "device_bytes": between, "host_bytes": 64 * 10**9}
 
 

@@ -37,19 +37,28 @@ from workers.tensor_merge import TensorInputs, merge_into
 CANDIDATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``).
+def release_freed_memory(freed_bytes: int = 0, every: int = 256 << 20) -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``), once per
+    ``every`` bytes of merged tensors (``freed_bytes``: this tensor's), and always when
+    called with none.
 
-    A merge frees chunk-sized temporaries (a few MB) by the thousand; glibc keeps such
-    freed blocks in its heaps, where fragmentation can hold on to gigabytes of
-    anonymous memory over a search. Trimming after each tensor keeps a worker's memory
-    what its plan says. A no-op where there is no glibc.
+    A merge frees chunk-sized temporaries by the thousand; glibc keeps such freed blocks
+    in its heaps, where fragmentation can hold on to gigabytes of anonymous memory over
+    a search. Trimming every few hundred MB keeps a worker's memory what its plan says;
+    trimming after every tensor costs a millisecond each time on a large heap. A no-op
+    where there is no glibc.
     """
+    if freed_bytes:
+        _SINCE_TRIM[0] += freed_bytes
+        if _SINCE_TRIM[0] < every:
+            return
+    _SINCE_TRIM[0] = 0
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
+_SINCE_TRIM = [0]
 _TRIM: list = []
 
 
@@ -171,12 +180,13 @@ class CandidateBuilder:
             cached = [self._task_vector(plan, task, k, base_key) for k in keys]
         return TensorInputs(
             name=task.name, shape=task.shape,
-            base=self.sources.get(base_key) if base_key else None,
-            tensors=[self.sources.get(k) for k in keys], model_params=task.model_params,
+            base=self.sources.for_merge(base_key) if base_key else None,
+            tensors=[self.sources.for_merge(k) for k in keys], model_params=task.model_params,
             global_params=task.global_params, seed=plan.recipe.seed,
             model_names=[s.model for s in task.inputs], read_dtype=plan.read_dtype,
             task_vectors=cached, histograms=self.histograms,
             histogram_keys=[(k, base_key, plan.read_dtype, cached is not None) for k in keys],
+            device=self.device,
         )
 
     def _task_vector(self, plan: MergePlan, task: TensorTask, key: Key, base_key: Key) -> torch.Tensor:
@@ -206,10 +216,12 @@ class CandidateBuilder:
         for i, task in enumerate(tasks):
             if i + 1 < len(tasks):
                 self.sources.prefetch(self._keys(tasks[i + 1]))
-            merge_into(plan.method, self._inputs(plan, task), params[task.name], out_dtype=task.dtype,
+            target = params[task.name]
+            merge_into(plan.method, self._inputs(plan, task), target, out_dtype=task.dtype,
                        ws=self.workspace, residual_scale=task.residual_scale, unit_offset=task.unit_offset)
             self.sources.release()
-            release_freed_memory()
+            release_freed_memory(target.numel() * target.element_size())
+        release_freed_memory()
         return model
 
     def _stacked_tensor(self, plan: MergePlan, task: TensorTask, dtype: torch.dtype) -> torch.Tensor:

@@ -44,18 +44,21 @@ def task_vectors_kernel(base: torch.Tensor, xs: list[torch.Tensor], keep: list[t
                         lo: torch.Tensor, hi: torch.Tensor, l1: torch.Tensor, inv: torch.Tensor,
                         w: torch.Tensor, lam: torch.Tensor, divisor: torch.Tensor, out: torch.Tensor,
                         consensus: str | None, normalize: bool, rescaled: bool, deltas: bool,
-                        read_dtype: torch.dtype | None, out_dtype: torch.dtype) -> torch.Tensor:
+                        trim: str | None, read_dtype: torch.dtype | None,
+                        out_dtype: torch.dtype) -> torch.Tensor:
     """Task arithmetic, TIES, DARE, Breadcrumbs and DELLA on one chunk.
 
     Input ``i``'s task vector ``d`` (``xs[i] - base``, or ``xs[i]`` itself when
-    ``deltas``) keeps the entries whose magnitude ``a`` lies in its window
-    ``lo[i] <= a <= hi[i]`` (a strict bound is passed as the next float), or is
-    multiplied by ``keep[i]`` where given (random and DELLA masks, and windows
-    resolved entry by entry); then, when ``rescaled``, ``× l1[i] / inv[i]``; then ``× w[i]``. The kept
-    vectors are summed (``consensus`` None), or summed where their sign agrees with the
-    elected one (``sum``: the sign of the weighted sum; ``count``: the majority), and
+    ``deltas``) is multiplied by ``keep[i]`` where given (random and DELLA masks), else
+    keeps the entries whose magnitude ``a`` is at least ``lo[i]`` (``trim``: ``"lo"``)
+    and at most ``hi[i]`` (``"window"``; None: no trim); then, when ``rescaled``,
+    ``× l1[i] / inv[i]``; then ``× w[i]``. The kept vectors are summed (``consensus``
+    None), or summed where their sign agrees with the elected one (``sum``: the sign of
+    the weighted sum, + where it is 0, as in mergekit; ``count``: the majority), and
     divided by ``divisor`` (None) or by the summed weights of the agreeing inputs, when
-    ``normalize``; then ``× lam + base``.
+    ``normalize``; then ``× lam + base``. A NaN in a task vector survives its trim
+    (``a < lo`` is false for NaN), and the returned sum carries the summed task
+    vectors' NaN or inf, so it shows even where the election drops it.
     """
     b = _float(base, read_dtype)
     kept = []
@@ -64,9 +67,11 @@ def task_vectors_kernel(base: torch.Tensor, xs: list[torch.Tensor], keep: list[t
         mask = keep[i] if keep is not None else None
         if mask is not None:
             d = d * mask
-        else:
+        elif trim is not None:
             a = d.abs()
-            d = d * ((a >= lo[i]) & (a <= hi[i])).float()  # × 0.0: a NaN stays NaN
+            d = torch.where(a < lo[i], 0.0, d)
+            if trim == "window":
+                d = torch.where(a > hi[i], 0.0, d)
         if rescaled:
             d = (d * l1[i]) / inv[i]
         kept.append(d * w[i])
@@ -76,24 +81,27 @@ def task_vectors_kernel(base: torch.Tensor, xs: list[torch.Tensor], keep: list[t
     if consensus is None:
         if normalize:
             s = s / divisor
+        return _write(s * lam + b, out, out_dtype)
+    if consensus == "sum":
+        elected = torch.where(s >= 0, 1.0, -1.0)
     else:
-        if consensus == "sum":
-            elected = torch.copysign(torch.ones_like(s), s)
-        else:
-            votes = torch.sign(kept[0])
-            for k in kept[1:]:
-                votes = votes + torch.sign(k)
-            one = torch.ones_like(votes)
-            elected = torch.where(votes == 0, one, torch.copysign(one, votes))
-        s = torch.zeros_like(s)
-        agreed = torch.zeros_like(s)
-        for i, k in enumerate(kept):
-            agrees = ((k * elected) > 0).float()
-            s = s + k * agrees
-            agreed = agreed + agrees * w[i]
+        votes = torch.sign(kept[0])
+        for k in kept[1:]:
+            votes = votes + torch.sign(k)
+        elected = torch.where(votes >= 0, 1.0, -1.0)
+    agreeing = agreed = None
+    for i, k in enumerate(kept):
+        agrees = (k * elected) > 0
+        part = torch.where(agrees, k, 0.0)
+        agreeing = part if agreeing is None else agreeing + part
         if normalize:
-            s = s / (agreed + (agreed == 0).float())
-    return _write(s * lam + b, out, out_dtype)
+            weight = torch.where(agrees, w[i], 0.0)
+            agreed = weight if agreed is None else agreed + weight
+    if agreed is not None:
+        agreeing = agreeing / torch.where(agreed == 0, 1.0, agreed)
+    r = agreeing * lam + b
+    out.copy_(r if out.dtype == out_dtype else r.to(out_dtype))
+    return (r + s * 0.0).sum()  # one reduction; ``s × 0`` is NaN where s is NaN or inf
 
 
 def linear_kernel(xs: list[torch.Tensor], w: torch.Tensor, divisor: torch.Tensor, out: torch.Tensor,
@@ -116,13 +124,6 @@ def band_blocks(base: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch
     return inside.view(-1, BLOCK).sum(1)
 
 
-def count_equal(base: torch.Tensor, x: torch.Tensor, value: torch.Tensor, deltas: bool,
-                read_dtype: torch.dtype | None) -> torch.Tensor:
-    """How many task-vector magnitudes of a chunk equal ``value`` (ties at a trim's edge)."""
-    d = x.float() if deltas else _float(x, read_dtype) - _float(base, read_dtype)
-    return (d.abs() == value).float().sum()
-
-
 def sub_bins(base: torch.Tensor, x: torch.Tensor, bin_id: torch.Tensor, shift: torch.Tensor,
              low: torch.Tensor, deltas: bool, read_dtype: torch.dtype | None) -> torch.Tensor:
     """For each entry of a chunk whose magnitude lies in histogram bin ``bin_id`` (its
@@ -136,7 +137,7 @@ def sub_bins(base: torch.Tensor, x: torch.Tensor, bin_id: torch.Tensor, shift: t
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "task_vectors": task_vectors_kernel, "linear": linear_kernel, "band_blocks": band_blocks,
-    "count_equal": count_equal, "sub_bins": sub_bins,
+    "sub_bins": sub_bins,
 }
 _compiled: dict[str, Callable[..., Any]] = {}
 _state: dict[str, bool | None] = {"on": None, "auto": False}

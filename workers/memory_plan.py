@@ -36,7 +36,10 @@ from pydantic import BaseModel, Field
 
 # Elements per chunk when a method merges a tensor piece by piece in float32
 # (workers.tensor_merge): each float32 scratch buffer of a chunked merge is this big.
-CHUNK_ELEMENTS = 1 << 20
+# 2^22 (16 MB of float32): a compiled kernel keeps its temporaries in registers, so a
+# chunk's size costs no memory there, and fewer chunks mean fewer calls (each ~0.2 ms
+# of Python and guards on a CPU, a quarter of a candidate's time at 2^20).
+CHUNK_ELEMENTS = 1 << 22
 
 # Methods whose output at each entry depends only on the inputs at that entry and on
 # per-tensor statistics (a trimming threshold, an L1 norm): merged in chunks, so their
@@ -52,15 +55,23 @@ WHOLE_TENSOR_METHODS = frozenset({"slerp", "model_stock"})
 METHODS = CHUNKED_METHODS | WHOLE_TENSOR_METHODS
 # Methods that form task vectors (source − base): the only ones a task-vector cache helps.
 TASK_VECTOR_METHODS = CHUNKED_METHODS - {"linear", "passthrough"}
-# Methods that select by magnitude over the whole tensor: a threshold is found among
-# the entries of one histogram bin, gathered in float32 only when the bin holds at most
-# 1/1024 of the tensor (crowded bins are counted by value instead), plus a kept
-# histogram per task vector (workers.sparsify.MagnitudeHistogram).
+# Methods that select by magnitude over the whole tensor: a worker keeps a magnitude
+# histogram per task vector (workers.sparsify.MagnitudeHistogram), host memory; where its
+# bins' values are not known exactly, a threshold is found among the entries of one bin,
+# gathered in float32 only when the bin holds at most 1/1024 of the tensor.
 TRIMMING_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})
 BAND_FRACTION = 1 / 1024
+# A histogram is kept for tensors above HISTOGRAM_MIN_ELEMENTS (4 × sparsify.SAMPLE_SIZE):
+# at most 65,536 occupied bins of 20 bytes and 65,536 refined values of 8 bytes
+# (MagnitudeHistogram.MAX_OCCUPIED, MAX_REFINED; tests/test_memory_plan.py keeps them in step).
+HISTOGRAM_MIN_ELEMENTS = 4 * (1 << 16)
+HISTOGRAM_MAX_BYTES = (1 << 16) * 20 + (1 << 16) * 8
 CHUNK_BUFFERS = 8  # float32 chunk buffers of a chunked merge besides one per non-base input
 WHOLE_TENSOR_BUFFERS = 5  # float32 full-tensor buffers of a whole-tensor merge besides its inputs
 STAGING_SLOTS = 2  # double buffering: the next tensor's inputs arrive while this one merges
+# A GPU worker that stages its sources copies a tensor bigger than this a chunk of rows
+# at a time (workers.sources.Sources.for_merge), so staging holds at most this per input.
+SLICE_ABOVE = 256 * 2**20
 # A resident stacking candidate assigns the sources' tensors; residual scales fold into the
 # output projections (o_proj, down_proj), about a third of a layer's bytes, which are new.
 STACKING_NEW_FRACTION = 1 / 3
@@ -145,10 +156,13 @@ class SourceFacts:
     dtype: str  # the dominant floating dtype: bfloat16, float16, float32 or float64
     layer_nbytes: int = 0  # bytes of one decoder layer
     num_layers: int = 0
+    # the most its task vector's magnitude histograms take (a trimming method's worker)
+    histogram_bytes: int = 0
 
     def __post_init__(self) -> None:
         _check_count("SourceFacts", nbytes=self.nbytes, numel=self.numel, largest_numel=self.largest_numel,
-                     layer_nbytes=self.layer_nbytes, num_layers=self.num_layers)
+                     layer_nbytes=self.layer_nbytes, num_layers=self.num_layers,
+                     histogram_bytes=self.histogram_bytes)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"SourceFacts.dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
 
@@ -218,6 +232,7 @@ def facts_from_tensors(ref: str, tensors: Iterable[tuple[str, Sequence[int], str
     nbytes = numel = largest = 0
     by_dtype: dict[str, int] = {}
     layer_bytes: dict[tuple[str, int], int] = {}
+    histograms = 0
     for name, shape, dtype in tensors:
         n = 1
         for d in shape:
@@ -231,6 +246,8 @@ def facts_from_tensors(ref: str, tensors: Iterable[tuple[str, Sequence[int], str
         if canonical is not None:
             numel += n
             largest = max(largest, n)
+            if n > HISTOGRAM_MIN_ELEMENTS:
+                histograms += HISTOGRAM_MAX_BYTES
             by_dtype[canonical] = by_dtype.get(canonical, 0) + size
     stacks: dict[str, list[int]] = {}
     for (prefix, _), size in layer_bytes.items():
@@ -240,7 +257,7 @@ def facts_from_tensors(ref: str, tensors: Iterable[tuple[str, Sequence[int], str
     return SourceFacts(
         ref=ref, nbytes=nbytes, numel=numel, largest_numel=largest,
         dtype=max(by_dtype, key=lambda k: by_dtype[k]) if by_dtype else "float32",
-        layer_nbytes=max(layers) if layers else 0, num_layers=num_layers,
+        layer_nbytes=max(layers) if layers else 0, num_layers=num_layers, histogram_bytes=histograms,
     )
 
 
@@ -421,6 +438,7 @@ class _Sizes:
     host_staging: int  # the mapped tier's ring of pinned buffers on a GPU worker
     evaluation: int
     task_vectors: int  # the float32 task-vector cache, if the method forms task vectors
+    histograms: int  # the trimming methods' magnitude histograms, in host memory
     read: int  # source bytes one candidate reads
     read_resident: int
 
@@ -461,6 +479,9 @@ def _sizes(sources: Sequence[SourceFacts], owner: SourceFacts, base: str | None,
     non_base, feeding = _inputs(method, sources, base)
     largest_numel = max(s.largest_numel for s in sources)
     largest_bytes = max(s.largest_numel * s.dtype_bytes for s in sources)
+    # bigger tensors are staged a chunk of rows at a time (workers.sources.Sources.for_merge),
+    # a chunk being much smaller than SLICE_ABOVE
+    staged_bytes = min(largest_bytes, SLICE_ABOVE)
     total = sum(s.nbytes for s in sources)
     full, resident = _candidate(owner, dtype_bytes, stacking_layers)
     uses_tv = method in TASK_VECTOR_METHODS and base is not None
@@ -469,10 +490,12 @@ def _sizes(sources: Sequence[SourceFacts], owner: SourceFacts, base: str | None,
     return _Sizes(
         sources=total, candidate=full, candidate_resident=resident,
         workspace=_workspace(method, non_base, feeding, largest_numel),
-        staging=STAGING_SLOTS * feeding * largest_bytes if limits.device == "cuda" else 0,
-        host_staging=STAGING_SLOTS * len(sources) * largest_bytes if limits.device == "cuda" else 0,
+        staging=STAGING_SLOTS * feeding * staged_bytes if limits.device == "cuda" else 0,
+        host_staging=STAGING_SLOTS * len(sources) * staged_bytes if limits.device == "cuda" else 0,
         evaluation=evaluation.nbytes(dtype_bytes) if evaluation is not None else 0,
         task_vectors=tv, read=read,
+        histograms=(sum(s.histogram_bytes for s in sources if s.ref != base)
+                    if method in TRIMMING_METHODS else 0),
         read_resident=read if stacking_layers is None else resident,
     )
 
@@ -498,10 +521,11 @@ def _tiers(z: _Sizes, limits: WorkerLimits, with_cache: bool) -> dict[str, TierF
     cache = z.task_vectors if with_cache else 0
     resident_dev = z.sources + z.candidate_resident + z.workspace + z.evaluation + cache
     small_dev = z.candidate + z.workspace + z.staging + z.evaluation
+    hist = z.histograms  # host memory in every tier (on a CPU worker, host memory is its device)
     needs = {
-        "resident": (resident_dev, 0, 0),
-        "streamed": (small_dev, z.sources, 0),
-        "mapped": (small_dev, z.host_staging, z.sources),  # on a GPU: the ring of pinned staging buffers
+        "resident": (resident_dev + (hist if not cuda else 0), hist if cuda else 0, 0),
+        "streamed": (small_dev, z.sources + hist, 0),
+        "mapped": (small_dev + (hist if not cuda else 0), z.host_staging + (hist if cuda else 0), z.sources),
     }
     out: dict[str, TierFit] = {}
     for tier, (dev, host, page) in needs.items():
@@ -601,6 +625,7 @@ def plan_memory(*, sources: list[SourceFacts], base: str | None, method: str, st
             "staging": z.staging if chosen != "resident" else 0,
             "evaluation": z.evaluation,
             "task_vector_cache": z.task_vectors if with_cache else 0,
+            "magnitude_histograms": z.histograms,
         },
         limits=limits, tiers=tiers, cache_task_vectors=with_cache, notes=notes,
     )

@@ -14,7 +14,10 @@ device; they differ in where the bytes live between candidates:
   tensor is copied through a pinned staging buffer.
 
 ``prefetch`` names the tensors the next merge step will ask for, so copies (or disk
-reads, for the mapped tier) overlap the merge of the current one.
+reads, for the mapped tier) overlap the merge of the current one. On a GPU worker a
+tensor bigger than ``SLICE_ABOVE`` (embeddings and heads) is not copied whole: the
+merge copies its rows a chunk at a time (``for_merge``), so the device never holds more
+than ``SLICE_ABOVE`` of any source at once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import ClassVar
 
 import torch
 
+from workers.memory_plan import SLICE_ABOVE
 from workers.merge import check_finite_source
 from workers.model_io import LazyModel, TensorInfo
 
@@ -57,6 +61,13 @@ class Sources:
 
     def keep(self, key: Key) -> torch.Tensor:
         """The tensor on the device, to keep (a stacked candidate's own tensor)."""
+        return self.get(key)
+
+    def for_merge(self, key: Key) -> torch.Tensor:
+        """The tensor for a chunked merge: on the device, or, for a tensor bigger than
+        ``SLICE_ABOVE`` that a GPU worker stages from the host, the host tensor itself,
+        whose rows the merge copies to the device a chunk at a time
+        (``TensorInputs.rows_of``): an embedding of a 7B model is 1.1 GB, a chunk 8 MB."""
         return self.get(key)
 
     def prefetch(self, keys: Iterable[Key]) -> None:
@@ -135,10 +146,26 @@ class _Staged(Sources):
     def _copied(self, done: torch.cuda.Event) -> None:
         """A host→device copy was queued; ``done`` fires when its source is free."""
 
+    def _sliced(self, key: Key) -> bool:
+        return self.cuda and self.info(key).nbytes > SLICE_ABOVE
+
+    def for_merge(self, key: Key) -> torch.Tensor:
+        if not self._sliced(key):
+            return self.get(key)
+        view = self._host_rows(key)
+        if key not in self._checked and view.dtype.is_floating_point:
+            check_finite_source(key[0], key[1], view)
+            self._checked.add(key)
+        return view
+
+    def _host_rows(self, key: Key) -> torch.Tensor:
+        return self.host(key)
+
     def prefetch(self, keys: Iterable[Key]) -> None:
         if self.cuda:
             for key in keys:
-                self._copy(key)
+                if not self._sliced(key):
+                    self._copy(key)
 
     def _get(self, key: Key) -> torch.Tensor:
         self._copy(key)
@@ -222,6 +249,9 @@ class MappedSources(_Staged):
         staged = buf[:nbytes].view(view.dtype).view(view.shape)
         staged.copy_(view)
         return staged
+
+    def _host_rows(self, key: Key) -> torch.Tensor:
+        return self._view(key)  # pageable: each chunk's rows are copied synchronously
 
     def _copied(self, done: torch.cuda.Event) -> None:
         self._ring[self._slot][1] = done

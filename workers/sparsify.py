@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -87,43 +86,33 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(mag, n - k + 1).values
 
 
-def rank_window_mask(delta: torch.Tensor, start: int, count: int, ws: Workspace = _FRESH) -> torch.Tensor:
-    """Mask (1.0 kept / 0.0 dropped, in ``delta``'s dtype) of the entries whose magnitude
-    rank lies in ``[start, start + count)``, from the whole tensor at once.
+def window_mask(delta: torch.Tensor, start: int, count: int, ws: Workspace = _FRESH) -> torch.Tensor:
+    """Mask (1.0 kept / 0.0 dropped, in ``delta``'s dtype) of the magnitude window of
+    ranks ``[start, start + count)``, from the whole tensor at once: every entry whose
+    magnitude lies between the ``(start + count)``-th largest and (``start > 0``) the
+    ``(start + 1)``-th largest, both included.
 
-    Ranks count from the largest magnitude (rank 0); equal magnitudes are ranked by
-    position, first first (a stable descending sort). Two linear-time selections find
-    the window's bounds. The reference for :class:`Window`, which the engine applies
-    chunk by chunk. Masks are floats because mixing boolean and float tensors is
-    several times slower than float arithmetic on CPUs.
+    Entries tied with an edge are all kept, so a window keeps at least ``count``
+    entries: TIES' own rule (its reference code keeps ``|delta| >= the k-th value``),
+    and the one rule that a merge done a chunk at a time can apply with no count of
+    the ties before each chunk. Without ties (float32 task vectors) it keeps exactly
+    ``count``. The reference for :class:`Window`. Masks are floats because mixing
+    boolean and float tensors is several times slower than float arithmetic on CPUs.
     """
     mask = ws.get("mask", delta)
     if count <= 0:
         return mask.zero_()
     mag = torch.abs(delta, out=ws.get("mag", delta))
     flat_mag = mag.view(-1)
-    lo = kth_largest(flat_mag, start + count)
-    hi = kth_largest(flat_mag, start + 1) if start > 0 else lo
-    torch.ge(mag, lo, out=mask)
+    torch.ge(mag, kth_largest(flat_mag, start + count), out=mask)
     if start > 0:
-        mask.mul_(torch.le(mag, hi, out=ws.get("mask2", delta)))
-    if int(torch.count_nonzero(mask)) == count:
-        return mask  # no run of equal magnitudes crosses the window's edges
-    flat = mask.view(-1)
-    scratch = ws.get("mask2", delta).view(-1)
-    edges = [lo] if start == 0 else ([hi] if bool(hi == lo) else [hi, lo])
-    for value in edges:
-        ties = torch.nonzero(torch.eq(flat_mag, value, out=scratch)).squeeze(1)
-        first_rank = int(torch.count_nonzero(torch.gt(flat_mag, value, out=scratch)))
-        ranks = torch.arange(first_rank, first_rank + ties.numel(), device=ties.device)
-        inside = (ranks >= start) & (ranks < start + count)
-        flat[ties] = inside.to(flat.dtype)
+        mask.mul_(torch.le(mag, kth_largest(flat_mag, start + 1), out=ws.get("mask2", delta)))
     return mask
 
 
 def top_k_mask(delta: torch.Tensor, k: int, ws: Workspace = _FRESH) -> torch.Tensor:
-    """Mask of the ``k`` largest-magnitude entries (ties: first by position)."""
-    return rank_window_mask(delta, 0, k, ws)
+    """Mask of the ``k`` largest-magnitude entries (and any tied with the k-th)."""
+    return window_mask(delta, 0, k, ws)
 
 
 def row_ranks(rows: torch.Tensor) -> torch.Tensor:
@@ -134,107 +123,35 @@ def row_ranks(rows: torch.Tensor) -> torch.Tensor:
 
 # ---- trimming a tensor merged in chunks ------------------------------------------------
 @dataclass
-class _Edge:
-    """Entries tied at one edge value of a window, and which of them the window keeps.
-
-    The tied entries, in position order, have ordinals 0, 1, …; the window keeps those
-    in ``[first, last)``. Chunk by chunk, in order, the ties seen so far decide whether a
-    chunk keeps all of its ties, drops them all, or (at most a couple of chunks) picks
-    some by ordinal. ``per_chunk`` holds each chunk's number of ties where the search
-    already counted them; otherwise the merge counts them as it goes.
-    """
-
-    value: torch.Tensor
-    first: int
-    last: int
-    per_chunk: list[int] | None = None
-    at_lo: bool = True  # the window's lower edge (``lo``)
-    at_hi: bool = False  # its upper edge (``hi``); both when they are equal
-    seen: int = 0
-
-    def rule(self, ties: int) -> tuple[str, int]:
-        """The next chunk's rule for its ``ties`` tied entries, and their first ordinal."""
-        start = self.seen
-        self.seen += ties
-        if ties == 0 or (start >= self.first and start + ties <= self.last):
-            return "keep", start
-        if start + ties <= self.first or start >= self.last:
-            return "drop", start
-        return "pick", start
-
-
-@dataclass
 class Window:
-    """The entries whose magnitude rank lies in ``[start, start + count)``: rank 0 is the
-    largest magnitude, and equal magnitudes are ranked by position, first first (the
-    order :func:`rank_window_mask` uses).
-
-    Found from the whole tensor by :class:`WindowSearch`, then applied chunk by chunk,
-    with the same chunks: where entries tied at an edge value
-    straddle the window's boundary, the search counted each chunk's ties, so each chunk
-    knows whether it keeps its ties, drops them, or picks some by position. The
-    chunked mask equals the whole tensor's mask exactly.
-    """
+    """The magnitude window of ranks ``[start, start + count)`` as two bounds, found from
+    the whole tensor by :class:`WindowSearch` and applied chunk by chunk: ``lo``, the
+    ``(start + count)``-th largest magnitude, and ``hi``, the ``(start + 1)``-th
+    (``start > 0``), both included (the rule of :func:`window_mask`, which it equals)."""
 
     start: int
     count: int
     n: int
-    lo: torch.Tensor | None = None  # the (start + count)-th largest magnitude
-    hi: torch.Tensor | None = None  # the (start + 1)-th largest (start > 0)
-    edges: list[_Edge] = field(default_factory=list)
+    lo: torch.Tensor | None = None  # None: every entry is kept
+    hi: torch.Tensor | None = None
 
-    _rules: tuple[int, list[tuple[str, int]]] | None = None
-
-    def reset(self) -> None:
-        """Before a pass over the chunks (in order, from the first)."""
-        for e in self.edges:
-            e.seen = 0
-        self._rules = None
-
-    def _rules_for(self, j: int, ties: Callable[[torch.Tensor], int]) -> list[tuple[str, int]]:
-        if self._rules is None or self._rules[0] != j:
-            rules = [e.rule(e.per_chunk[j] if e.per_chunk is not None else ties(e.value)) for e in self.edges]
-            self._rules = (j, rules)
-        return self._rules[1]
-
-    def bounds(self, j: int, ties: Callable[[torch.Tensor], int]) -> tuple[float, float, bool, bool] | None:
-        """Chunk ``j``'s mask as bounds on the magnitude — ``(lo, hi, lo strict, hi
-        strict)`` — or None where ties at an edge must be picked entry by entry.
-        ``ties(value)``: how many of the chunk's magnitudes equal ``value``."""
+    def bounds(self) -> tuple[float, float]:
+        """The kept magnitudes' ``[lo, hi]`` (``lo`` = inf: nothing finite is kept)."""
         if self.count <= 0:
-            return math.inf, math.inf, True, False
-        if self.lo is None:
-            return -math.inf, math.inf, False, False
-        rules = self._rules_for(j, ties)
-        if any(rule == "pick" for rule, _ in rules):
-            return None
-        dropped = [e for e, (rule, _) in zip(self.edges, rules) if rule == "drop"]
-        hi = float(self.hi) if self.hi is not None else math.inf
-        return (float(self.lo), hi, any(e.at_lo for e in dropped),
-                self.hi is not None and any(e.at_hi for e in dropped))
+            return math.inf, math.inf
+        lo = -math.inf if self.lo is None else float(self.lo)
+        return lo, math.inf if self.hi is None else float(self.hi)
 
-    def mask(self, mag: torch.Tensor, j: int, ws: Workspace = _FRESH) -> torch.Tensor:
-        """Mask (1.0 kept / 0.0 dropped) of chunk ``j``'s magnitudes (chunks in order)."""
+    def mask(self, mag: torch.Tensor, ws: Workspace = _FRESH) -> torch.Tensor:
+        """Mask (1.0 kept / 0.0 dropped) of a chunk's magnitudes."""
         out = ws.get("mask", mag)
         if self.count <= 0:
             return out.zero_()
         if self.lo is None:
             return out.fill_(1)
-        rules = self._rules_for(j, lambda v: int(torch.count_nonzero(mag == v)))
-        dropped = [e for e, (rule, _) in zip(self.edges, rules) if rule == "drop"]
-        lo_strict = any(e.at_lo for e in dropped)
-        (torch.gt if lo_strict else torch.ge)(mag, self.lo, out=out)
+        torch.ge(mag, self.lo, out=out)
         if self.hi is not None:
-            hi_strict = any(e.at_hi for e in dropped)
-            out.mul_((torch.lt if hi_strict else torch.le)(mag, self.hi, out=ws.get("mask2", mag)))
-        flat, flat_mag = out.view(-1), mag.view(-1)
-        scratch = ws.get("mask2", mag).view(-1)
-        for e, (rule, first) in zip(self.edges, rules):
-            if rule != "pick":
-                continue
-            ties = torch.nonzero(torch.eq(flat_mag, e.value, out=scratch)).squeeze(1)
-            ordinals = torch.arange(first, first + ties.numel(), device=ties.device)
-            flat[ties] = ((ordinals >= e.first) & (ordinals < e.last)).to(flat.dtype)
+            out.mul_(torch.le(mag, self.hi, out=ws.get("mask2", mag)))
         return out
 
 
@@ -249,31 +166,23 @@ def _bits_float(bits: int) -> float:
 @dataclass
 class BinDetail:
     """The exact values in one histogram bin: each value's low bits (``subs``,
-    ascending) and count, and for values held by several entries (at most
-    ``MAX_TIED``), how many of them each chunk holds — a trim's tie rules."""
+    ascending) and how many entries hold it."""
 
     subs: torch.Tensor
     counts: torch.Tensor
-    ties: dict[int, list[int]]
-
-    MAX_TIED: ClassVar[int] = 64
 
     @classmethod
     def from_chunks(cls, per_chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> BinDetail:
-        """From each chunk's (low bits, counts) of the bin's entries, in chunk order."""
+        """From each chunk's (low bits, counts) of the bin's entries."""
         subs = torch.cat([p[0] for p in per_chunk]) if per_chunk else torch.empty(0, dtype=torch.int64)
         counts = torch.cat([p[1] for p in per_chunk]) if per_chunk else torch.empty(0, dtype=torch.int64)
         unique, inverse = torch.unique(subs, return_inverse=True)
-        totals = torch.zeros(unique.numel(), dtype=torch.int64).index_add_(0, inverse, counts)
-        tied = unique[totals > 1].tolist()[: cls.MAX_TIED]
-        ties: dict[int, list[int]] = {}
-        for sub in tied:
-            ties[sub] = [int(c[s == sub].sum()) for s, c in per_chunk]
-        return cls(unique, totals, ties)
+        totals = torch.zeros(unique.numel(), dtype=torch.int64).index_add_(0, inverse, counts.long())
+        return cls(unique.to(torch.int32), totals.to(torch.int32))
 
     @property
     def nbytes(self) -> int:
-        return 16 * self.subs.numel() + 8 * sum(len(v) for v in self.ties.values())
+        return 8 * self.subs.numel()
 
 
 class MagnitudeHistogram:
@@ -284,18 +193,25 @@ class MagnitudeHistogram:
     (magnitudes below 2^-30 share the first bin, above 2^10 the last). Only occupied
     bins are kept, each with its count, lowest and highest value; a task vector that
     occupies more than ``MAX_OCCUPIED`` bins gets coarser ones (3 bits at a time), so a
-    histogram stays under 1.3 MB (a bf16 task vector of 11M entries occupies about 18k
-    bins: 0.4 MB). A worker keeps one per task vector (``TensorInputs.magnitude_histogram``),
-    built in one pass at first use. For any trim it names the bin that holds the
-    threshold and how many entries lie above it, exactly. A bin of one value (common:
-    bf16 task vectors are made of few values) gives the threshold with no pass at all;
-    a crowded bin of several values is resolved by one counting pass (kept for later
-    candidates); a sparse bin's few entries are gathered.
+    histogram stays under 1.3 MB (a bf16 task vector of 11M entries occupies about 33k
+    bins: 0.7 MB). A worker keeps one per task vector (``TensorInputs.magnitude_histogram``),
+    built at first use. For any trim it names the bin that holds the threshold and how
+    many entries lie above it, exactly.
+
+    A bin of one value gives the threshold with no pass at all. Task vectors of bf16 or
+    fp16 sources are made of few distinct values (tens of thousands in 11M entries), so
+    when the histogram is built, a second pass finds the exact values of its bins of
+    several values (``refine``: kept in ``exact_bits``, up to ``MAX_REFINED`` values); then
+    every trim of that task vector is read off the histogram, with no pass over the
+    tensor. Float32 task vectors have too many values for that: a crowded bin is
+    resolved by one counting pass (kept in ``details`` for later candidates), a sparse
+    bin's few entries are gathered.
     """
 
     FINE = 9
     MAX_OCCUPIED = 1 << 16
-    MAX_DETAILS = 256  # bins resolved to exact values, kept per task vector
+    MAX_DETAILS = 256  # bins resolved to exact values by a candidate, kept per task vector
+    MAX_REFINED = 1 << 16  # values that ``refine`` keeps, at most (8 bytes each)
 
     def __init__(self) -> None:
         self.shift = self.FINE
@@ -306,6 +222,7 @@ class MagnitudeHistogram:
         self.ids = self.counts = self.lows = self.highs = self.from_top = torch.empty(0)
         self.n = 0
         self.details: dict[int, BinDetail] = {}
+        self.exact_bits = self.exact_counts = torch.empty(0, dtype=torch.int32)
 
     @staticmethod
     def _range(shift: int) -> tuple[int, int]:
@@ -361,41 +278,78 @@ class MagnitudeHistogram:
         clamped first and last bins)."""
         return 0 < j < self.bins - 1
 
-    def resolve(self, k: int) -> tuple[float, int, int, list[int] | None] | None:
-        """The k-th largest magnitude exactly — ``(value, above, equal, ties per chunk
-        or None)`` — if its bin holds one value or was resolved (``details``), else None."""
+    def resolve(self, k: int) -> float | None:
+        """The k-th largest magnitude exactly, if its bin holds one value or its values
+        are known (``exact_bits``, ``details``), else None."""
         p, j, above = self.at(k)
         if bool(self.lows[p] == self.highs[p]):
-            return float(self.lows[p]), above, int(self.counts[p]), None
-        detail = self.details.get(j)
+            return float(self.lows[p])
+        detail = self._refined_bin(j)
         if detail is None:
-            return None
-        self.details[j] = self.details.pop(j)  # most recently used last
+            detail = self.details.get(j)
+            if detail is None:
+                return None
+            self.details[j] = self.details.pop(j)  # most recently used last
         from_top = torch.flip(detail.counts, [0]).cumsum(0)
-        top = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+        top = int(torch.searchsorted(from_top, torch.tensor(k - above, dtype=from_top.dtype)))
         sub = int(detail.subs[detail.subs.numel() - 1 - top])
-        value = _bits_float(((j + self.first) << self.shift) | sub)
-        above += int(from_top[top - 1]) if top > 0 else 0
-        return value, above, int(detail.counts[detail.subs.numel() - 1 - top]), detail.ties.get(sub)
+        return _bits_float(((j + self.first) << self.shift) | sub)
 
     def keep_detail(self, j: int, detail: BinDetail) -> None:
         self.details[j] = detail
         while len(self.details) > self.MAX_DETAILS:
             self.details.pop(next(iter(self.details)))
 
+    def multi_valued(self) -> torch.Tensor:
+        """The bins (indices) that hold several values and can be refined."""
+        self.compact()
+        several = self.lows != self.highs
+        inner = (self.ids > 0) & (self.ids < self.bins - 1)
+        return self.ids[several & inner].long()
+
+    def refine_table(self) -> torch.Tensor | None:
+        """For a refining pass: per bin index, True for the bins to refine (None: none)."""
+        bins = self.multi_valued()
+        if not bins.numel():
+            return None
+        table = torch.zeros(self.bins, dtype=torch.bool)
+        table[bins] = True
+        return table
+
+    def refine(self, bits: torch.Tensor, counts: torch.Tensor) -> None:
+        """Keep the exact values (float32 bit patterns, ascending, with their counts)
+        of the bins of several values: two flat tensors, not an object per bin (a
+        worker keeps one histogram per task vector, thousands of bins each)."""
+        self.exact_bits, self.exact_counts = bits.to(torch.int32), counts.to(torch.int32)
+
+    @property
+    def refined(self) -> bool:
+        return self.exact_bits.numel() > 0
+
+    def _refined_bin(self, j: int) -> BinDetail | None:
+        """Bin ``j``'s exact values from the refined ones, if it was refined."""
+        if not self.refined:
+            return None
+        edges = torch.tensor([(j + self.first) << self.shift, (j + 1 + self.first) << self.shift],
+                             dtype=torch.int64)
+        i0, i1 = torch.searchsorted(self.exact_bits.long(), edges).tolist()
+        if i0 == i1:
+            return None
+        low = self.exact_bits[i0:i1] & ((1 << self.shift) - 1)
+        return BinDetail(low, self.exact_counts[i0:i1])
+
     @property
     def nbytes(self) -> int:
         parts = (self.ids, self.counts, self.lows, self.highs, self.from_top) + (self._dense or ())
-        return sum(t.numel() * t.element_size() for t in parts) + sum(d.nbytes for d in self.details.values())
+        return (sum(t.numel() * t.element_size() for t in parts)
+                + sum(d.nbytes for d in self.details.values()) + 8 * self.exact_bits.numel())
 
-    def bracket(self, k: int) -> tuple[float, float, int, float | None, int]:
-        """``(lo, hi, above, value, equal)``: the k-th largest magnitude lies in
-        ``[lo, hi)`` and ``above`` entries lie at or above ``hi``; where every entry of
-        that bin has one value, it is ``value`` (held by ``equal`` entries), else None."""
-        p, j, above = self.at(k)
+    def bracket(self, k: int) -> tuple[float, float, int]:
+        """``(lo, hi, above)``: the k-th largest magnitude lies in ``[lo, hi)`` and
+        ``above`` entries lie at or above ``hi``."""
+        _p, j, above = self.at(k)
         lo, hi = self.bounds(j)
-        single = float(self.lows[p]) if bool(self.lows[p] == self.highs[p]) else None
-        return lo, hi, above, single, int(self.counts[p])
+        return lo, hi, above
 
 
 class WindowSearch:
@@ -404,10 +358,11 @@ class WindowSearch:
 
     An exact :class:`MagnitudeHistogram` of the tensor's magnitudes (built once per
     task vector and kept) names the narrow bin each edge lies in and how many entries
-    lie above it; one pass over the chunks gathers the entries of that bin
-    (``observe``, given each chunk's ``extract(lo, hi)``: its magnitudes in
-    ``[lo, hi)``, or all of them for ``(None, None)``), and an exact selection among
-    them finishes. Small tensors skip the histogram: every magnitude is gathered.
+    lie above it; where the bin's values are not known, one pass over the chunks
+    gathers the entries of that bin (``observe``, given each chunk's ``extract(lo,
+    hi)``: its magnitudes in ``[lo, hi)``, or all of them for ``(None, None)``), and an
+    exact selection among them finishes. Small tensors skip the histogram: every
+    magnitude is gathered.
     """
 
     def __init__(self, n: int, start: int, count: int,
@@ -419,9 +374,8 @@ class WindowSearch:
         self.histogram = None if self.small else histogram()  # type: ignore[misc]
         self.brackets: list[tuple[float, float] | None] = []
         self.above = [0] * len(self.targets)
-        self.known: list[tuple[float, int, int, list[int] | None] | None] = []
+        self.known: list[float | None] = []
         self.bands: list[list[torch.Tensor]] = [[] for _ in self.targets]
-        self.sizes: list[int] = []
         self.lookup()
 
     def lookup(self) -> None:
@@ -432,9 +386,8 @@ class WindowSearch:
                 self.brackets.append(None)
                 self.known.append(None)
                 continue
-            lo, hi, above, _single, _equal = self.histogram.bracket(k)
+            lo, hi, self.above[t] = self.histogram.bracket(k)
             self.brackets.append((lo, hi))
-            self.above[t] = above
             self.known.append(self.histogram.resolve(k))
 
     def unresolved_bins(self) -> list[int]:
@@ -460,11 +413,9 @@ class WindowSearch:
         """Whether some edge must be found among its bin's entries (``observe``)."""
         return any(k is None for k in self.known)
 
-    def observe(self, size: int,
-                extract: Callable[[float | None, float | None], torch.Tensor]) -> None:
-        """One chunk of ``size`` entries, in order; ``extract(lo, hi)`` gives its
-        magnitudes in ``[lo, hi)`` (flat), or all of them for ``(None, None)``."""
-        self.sizes.append(size)
+    def observe(self, extract: Callable[[float | None, float | None], torch.Tensor]) -> None:
+        """One chunk, in order; ``extract(lo, hi)`` gives its magnitudes in ``[lo, hi)``
+        (flat), or all of them for ``(None, None)``."""
         for t, bracket in enumerate(self.brackets):
             if self.known[t] is None:
                 self.bands[t].append(extract(None, None) if bracket is None else extract(*bracket))
@@ -475,39 +426,22 @@ class WindowSearch:
         if not self.targets:
             window.count = min(self.count, self.n) if self.count > 0 else 0
             return window
-        found: list[tuple[torch.Tensor, int, int, list[int] | None]] = []  # value, above, equal, per chunk
-        full: torch.Tensor | None = None
+        found: list[torch.Tensor] = []
         for t, k in enumerate(self.targets):
             known = self.known[t]
-            if known is not None:  # read off the histogram: a bin of one value, or resolved
-                value, above, equal, ties = known
-                found.append((torch.tensor(value), above, equal, ties))
+            if known is not None:  # read off the histogram
+                found.append(torch.tensor(known))
                 continue
             band = torch.cat(self.bands[t]) if self.bands[t] else torch.empty(0)
             need = k - self.above[t]
             if 1 <= need <= band.numel():
-                value = torch.kthvalue(band, band.numel() - need + 1).values
-                above = self.above[t] + int(torch.count_nonzero(band > value))
-                per_chunk = [int(torch.count_nonzero(piece == value)) for piece in self.bands[t]]
-            else:  # the sample's bracket missed: select from every magnitude
-                full = whole() if full is None else full
-                value = torch.kthvalue(full, self.n - k + 1).values
-                above = int(torch.count_nonzero(full > value))
-                per_chunk = [int(torch.count_nonzero(piece == value))
-                             for piece in torch.split(full, self.sizes)]
-            found.append((value, above, sum(per_chunk), per_chunk))
+                found.append(torch.kthvalue(band, band.numel() - need + 1).values)
+            else:  # no histogram, or its bracket missed: select from every magnitude
+                found.append(kth_largest(whole(), k))
         self.bands = []
-        window.lo = found[0][0]
+        window.lo = found[0]
         if self.start > 0:
-            window.hi = found[1][0]
-        same = self.start > 0 and bool(found[1][0] == found[0][0])
-        edges = [(found[0], True, same)] + ([(found[1], False, True)] if self.start > 0 and not same else [])
-        end = self.start + self.count
-        for (value, above, equal, per_chunk), at_lo, at_hi in edges:
-            first, last = max(0, self.start - above), min(equal, end - above)
-            if first == 0 and last == equal:
-                continue  # every tie is inside the window: ``>=`` / ``<=`` keep them
-            window.edges.append(_Edge(value, first, last, per_chunk, at_lo, at_hi))
+            window.hi = found[1]
         return window
 
 
@@ -518,7 +452,7 @@ class Sparsifier:
     Built by a task-vector method's ``prepare``, which also finds what needs the whole
     tensor: the magnitude window of a trim, the L1 rescale factor. Per chunk it gives
     the merge kernel either bounds on the magnitude (``bounds``) or an explicit mask
-    (``keep``: random draws, DELLA's ranks, ties picked by position). Random draws come
+    (``keep``: random draws, DELLA's ranks). Random draws come
     from a generator seeded per tensor and input, drawn chunk after chunk in order, so
     they equal one draw of the whole tensor.
     """
@@ -573,36 +507,34 @@ class Sparsifier:
         return sp
 
     def start_pass(self) -> None:
-        """Before a pass over the chunks: restart the draws and the count of ties."""
+        """Before a pass over the chunks: restart the draws."""
         if self.make_generator is not None:
             self.generator = self.make_generator()
-        if self.window is not None:
-            self.window.reset()
 
     def set_l1(self, before: float, after: float, eps: float = 1e-7) -> None:
         """The L1 rescale: the kept entries' norm is scaled back to the whole's."""
         self.scale = None if before < eps or after < eps else before / after
 
-    def bounds(self, j: int, ties: Callable[[torch.Tensor], int]) -> tuple[float, float, bool, bool] | None:
-        """Chunk ``j``'s mask as magnitude bounds, or None if it needs ``keep``;
-        ``ties(value)`` counts the chunk's magnitudes equal to ``value``."""
+    def bounds(self) -> tuple[float, float] | None:
+        """The kept magnitudes' ``[lo, hi]``, the same in every chunk, or None where the
+        mask is drawn entry by entry (``keep``)."""
         if self.kind is None:
-            return -math.inf, math.inf, False, False
+            return -math.inf, math.inf
         if self.kind == "zero":
-            return math.inf, math.inf, True, False
+            return math.inf, math.inf
         if self.window is not None:
-            return self.window.bounds(j, ties)
+            return self.window.bounds()
         return None
 
-    def keep(self, delta: torch.Tensor, j: int, ws: Workspace = _FRESH, role: str = "keep") -> torch.Tensor:
-        """Chunk ``j``'s multiplier (0 dropped, 1 kept; DELLA with inverse-density
+    def keep(self, delta: torch.Tensor, ws: Workspace = _FRESH, role: str = "keep") -> torch.Tensor:
+        """The next chunk's multiplier (0 dropped, 1 kept; DELLA with inverse-density
         rescale: 1 / the keep probability), for its float32 task vector ``delta``."""
         if self.kind is None:
             return torch.ones_like(delta)
         if self.kind == "zero":
             return torch.zeros_like(delta)
         if self.window is not None:
-            mask = self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), j, ws)
+            mask = self.window.mask(torch.abs(delta, out=ws.get("mag", delta)), ws)
             return ws.get(role, mask).copy_(mask)
         assert self.generator is not None
         if self.kind == "random":

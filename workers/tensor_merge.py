@@ -25,6 +25,14 @@ from workers.memory_plan import CHUNK_ELEMENTS
 from workers.methods.base import MergeError, MergeInputs, MergeMethod
 from workers.sparsify import MagnitudeHistogram, Workspace
 
+# Rows per step of the eager passes that build a histogram (their temporaries are
+# int64 and float32 copies of the step, so smaller steps than the kernels' chunks)
+EAGER_PASS_ELEMENTS = 1 << 20
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
 
 @dataclass
 class TensorInputs:
@@ -49,11 +57,14 @@ class TensorInputs:
     histograms: dict | None = None
     histogram_keys: list | None = None
     chunk_elements: int | None = None  # default: CHUNK_ELEMENTS
+    # the compute device (default: the first input's); an input held elsewhere (a big
+    # tensor a GPU worker stages from the host) has its rows copied there chunk by chunk
+    device: torch.device | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(self.shape)
         first = self.base if self.base is not None else self.tensors[0]
-        self.device = first.device
+        self.device = torch.device(self.device) if self.device is not None else first.device
         dtypes = [t.dtype for t in ([self.base] if self.base is not None else []) + self.tensors]
         if self.read_dtype is not None:
             dtypes = [self.read_dtype]
@@ -83,7 +94,10 @@ class TensorInputs:
         return (r1 - r0, *self.shape[1:]) if len(self.shape) >= 2 else self.shape
 
     def rows_of(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        return t[r0:r1] if len(self.shape) >= 2 else t
+        rows = t[r0:r1] if len(self.shape) >= 2 else t
+        if not _same_device(rows.device, self.device):  # a host tensor staged a chunk at a time
+            rows = rows.to(self.device, non_blocking=rows.is_pinned())
+        return rows
 
     # ---- float32 views of a chunk ------------------------------------------------------
     def _load(self, t: torch.Tensor, r0: int, r1: int, role: str, ws: Workspace) -> torch.Tensor:
@@ -153,15 +167,6 @@ class TensorInputs:
             parts.append(a[(a >= lo) & (a < hi)])
         return torch.cat(parts) if parts else torch.empty(0, dtype=self.compute_dtype, device=x.device)
 
-    def count_equal(self, i: int, r0: int, r1: int, value: torch.Tensor) -> int:
-        """How many of task vector ``i``'s magnitudes in rows ``r0:r1`` equal ``value``."""
-        from workers.kernels import kernel
-
-        x = self.chunk_inputs(i, r0, r1)
-        b = self.flat_rows(self.base, r0, r1) if self.base is not None else x
-        v = value.to(device=x.device, dtype=torch.float32)
-        return int(kernel("count_equal")(b, x, v, self.task_vectors is not None, self.read_dtype))
-
     def resolve_bins(self, wanted: dict[int, list[int]]) -> None:
         """Resolve histogram bins to exact values, in one pass over the chunks:
         ``wanted`` maps an input to the bins (``MagnitudeHistogram`` indices) it needs."""
@@ -186,21 +191,42 @@ class TensorInputs:
         for (i, j), chunks in parts.items():
             self.magnitude_histogram(i).keep_detail(j, BinDetail.from_chunks(chunks))
 
-    def magnitude_histogram(self, i: int):
-        """Task vector ``i``'s exact magnitude histogram (``workers.sparsify``); kept in
-        ``histograms`` when the caller gives one."""
-
+    def magnitude_histogram(self, i: int) -> MagnitudeHistogram:
+        """Task vector ``i``'s exact magnitude histogram (``workers.sparsify``), refined
+        where its values are few; kept in ``histograms`` when the caller gives one."""
         key = self.histogram_keys[i] if self.histogram_keys is not None else None
         if self.histograms is not None and key in self.histograms:
             return self.histograms[key]
         histogram = MagnitudeHistogram()
-        for r0, r1 in self.chunk_rows():
+        for r0, r1 in self.chunk_rows(EAGER_PASS_ELEMENTS):
             b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
             histogram.add(self._magnitudes(self.chunk_inputs(i, r0, r1), b))
         histogram.compact()
+        self._refine(histogram, i)
         if self.histograms is not None:
             self.histograms[key] = histogram
         return histogram
+
+    def _refine(self, histogram: MagnitudeHistogram, i: int) -> None:
+        """One more pass: the exact values of the histogram's bins of several values,
+        unless there are more than ``MAX_REFINED`` of them (float32 task vectors)."""
+        table = histogram.refine_table()
+        if table is None:
+            return
+        table = table.to(self.device)
+        bits = torch.empty(0, dtype=torch.int32)
+        counts = torch.empty(0, dtype=torch.int64)
+        for r0, r1 in self.chunk_rows(EAGER_PASS_ELEMENTS):
+            b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
+            chunk = self._magnitudes(self.chunk_inputs(i, r0, r1), b).float().view(torch.int32).reshape(-1)
+            index = ((chunk >> histogram.shift) - histogram.first).clamp_(0, histogram.bins - 1)
+            values, n = torch.unique(chunk[table[index]].cpu(), return_counts=True)
+            bits, inverse = torch.unique(torch.cat([bits, values]), return_inverse=True)
+            counts = torch.zeros(bits.numel(), dtype=torch.int64).index_add_(
+                0, inverse, torch.cat([counts, n]))
+            if bits.numel() > histogram.MAX_REFINED:
+                return
+        histogram.refine(bits, counts)
 
     def whole_task_vector(self, i: int, ws: Workspace) -> torch.Tensor:
         """Task vector ``i`` of the whole tensor (a fallback: a full-size temporary)."""

@@ -34,7 +34,7 @@ class Linear(MergeMethod):
     def merge_chunk(self, inputs, state, j, r0, r1, out, ws) -> torch.Tensor:
         weights = [p["weight"] for p in inputs.model_params]
         divisor = self._divisor(inputs.name, weights, inputs.global_params["normalize"])
-        device = inputs.tensors[0].device
+        device = inputs.device
         return kernel("linear")(
             [inputs.flat_rows(t, r0, r1) for t in inputs.tensors],
             torch.tensor(weights, dtype=torch.float32, device=device),

@@ -9,7 +9,7 @@ added to the base. The defaults of each variant follow mergekit's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -21,7 +21,6 @@ from workers.methods.base import MergeError, MergeInputs, MergeMethod, ParamSpec
 from workers.sparsify import Sparsifier
 from workers.tensor_merge import ChunkOut, TensorInputs
 
-_INF = torch.tensor(math.inf)
 WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector")
 DENSITY = ParamSpec("density", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
 GAMMA = ParamSpec("gamma", float, 0.01, 0.0, 1.0, help="share of largest entries dropped")
@@ -65,9 +64,8 @@ class TaskVectorMethod(MergeMethod):
                 search.lookup()
         if any(search.needs_pass for search in searches.values()):
             for r0, r1 in inputs.chunk_rows():
-                size = inputs.flat_rows(inputs.tensors[0], r0, r1).numel()
                 for i, search in searches.items():
-                    search.observe(size, lambda lo, hi, i=i, r0=r0, r1=r1: inputs.band(i, r0, r1, lo, hi))
+                    search.observe(lambda lo, hi, i=i, r0=r0, r1=r1: inputs.band(i, r0, r1, lo, hi))
         if searches:
             for i, search in searches.items():
                 plan[i].window = search.finish(lambda i=i: inputs.whole_task_vector(i, ws).abs_().reshape(-1))
@@ -77,13 +75,13 @@ class TaskVectorMethod(MergeMethod):
             sums = {i: [0.0, 0.0] for i in l1}
             for i in l1:
                 plan[i].start_pass()
-            for j, (r0, r1) in enumerate(inputs.chunk_rows()):
+            for r0, r1 in inputs.chunk_rows():
                 base = inputs.base_chunk(r0, r1, ws)
                 assert base is not None
                 for i in l1:
                     delta = inputs.task_vector_chunk(i, r0, r1, base, ws, "tv")
                     sums[i][0] += float(delta.abs().sum(dtype=torch.float64))
-                    kept = delta.mul_(plan[i].keep(delta, j, ws))
+                    kept = delta.mul_(plan[i].keep(delta, ws))
                     sums[i][1] += float(kept.abs().sum(dtype=torch.float64))
             for i in l1:
                 plan[i].set_l1(*sums[i])
@@ -98,25 +96,23 @@ class TaskVectorMethod(MergeMethod):
             raise MergeError(f"{self.name} needs a base_model")
         g = inputs.global_params
         plan = state.sparsifiers
-        bounds = [sp.bounds(j, lambda v, i=i: inputs.count_equal(i, r0, r1, v)) for i, sp in enumerate(plan)]
         keep: list[torch.Tensor | None] | None = None
-        if any(b is None for b in bounds):  # masks given entry by entry, for some inputs
+        if state.drawn:  # masks drawn entry by entry, for some inputs
             base32 = inputs.base_chunk(r0, r1, ws)
             assert base32 is not None
             keep = []
             for i, sp in enumerate(plan):
-                if bounds[i] is not None:
+                if not state.drawn[i]:
                     keep.append(None)
                     continue
                 delta = inputs.task_vector_chunk(i, r0, r1, base32, ws, "tv")
-                keep.append(sp.keep(delta, j, ws, f"keep{i}").reshape(-1))
-        lo, hi = state.window_bounds([b or (-math.inf, math.inf, False, False) for b in bounds])
-        l1, inv, w, lam, divisor = state.constants
+                keep.append(sp.keep(delta, ws, f"keep{i}").reshape(-1))
+        l1, inv, w, lam, divisor, lo, hi = state.constants
         return kernel("task_vectors")(
             inputs.flat_rows(base, r0, r1), [inputs.chunk_inputs(i, r0, r1) for i in range(len(plan))],
             keep, lo, hi, l1, inv, w, lam, divisor, out.target.reshape(-1), self.consensus,
-            bool(g["normalize"]), state.rescaled, inputs.task_vectors is not None, inputs.read_dtype,
-            out.dtype)
+            bool(g["normalize"]), state.rescaled, inputs.task_vectors is not None, state.trim,
+            inputs.read_dtype, out.dtype)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         """One whole tensor in float32 (outside the engine: the same arithmetic)."""
@@ -137,38 +133,31 @@ class _Prepared:
     """A tensor's sparsifiers and the kernel's coefficients, made once per tensor."""
 
     sparsifiers: list[Sparsifier]
-    constants: tuple[torch.Tensor, ...]  # l1, inv, weights, lambda, divisor
+    constants: tuple[torch.Tensor, ...]  # l1, inv, weights, lambda, divisor, lo, hi
     rescaled: bool
-    device: torch.device
-    bounds: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    trim: str | None  # the kernel's magnitude bounds: None, "lo", "window"
+    drawn: list[bool] | None  # per input, whether its mask is drawn (``keep``); None: none is
 
     @classmethod
     def of(cls, plan: list[Sparsifier], inputs: TensorInputs, method: TaskVectorMethod) -> _Prepared:
-        device = inputs.device
         weights = [p["weight"] for p in inputs.model_params]
         divisor = sum(weights)
         if abs(divisor) < 1e-8:
             divisor = 1.0
         factors = [sp.factors() for sp in plan]
-        f32 = dict(dtype=torch.float32, device=device)
+        bounds = [sp.bounds() for sp in plan]
+        drawn = [b is None for b in bounds]
+        lo = [b[0] if b is not None else -math.inf for b in bounds]
+        hi = [b[1] if b is not None else math.inf for b in bounds]
+        trim = "window" if any(h != math.inf for h in hi) else (
+            "lo" if any(v != -math.inf for v in lo) else None)
+        f32 = dict(dtype=torch.float32, device=inputs.device)
         constants = (torch.tensor([f[0] for f in factors], **f32),
                      torch.tensor([f[1] for f in factors], **f32), torch.tensor(weights, **f32),
                      torch.tensor(float(inputs.global_params["lambda"]), **f32),
-                     torch.tensor(float(divisor), **f32))
-        return cls(plan, constants, any(f != (1.0, 1.0) for f in factors), device)
-
-    def window_bounds(self, bounds: list[tuple[float, float, bool, bool]]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each input's ``lo`` and ``hi``, a strict bound as the next float32 the other way
-        (the same comparison, exactly); chunks with the same bounds share the tensors."""
-        key = tuple(bounds)
-        if key not in self.bounds:
-            lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32)
-            hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32)
-            lo = torch.where(torch.tensor([b[2] for b in bounds]), torch.nextafter(lo, _INF), lo)
-            hi = torch.where(torch.tensor([b[3] for b in bounds]), torch.nextafter(hi, -_INF), hi)
-            self.bounds[key] = (lo.to(self.device), hi.to(self.device))
-        return self.bounds[key]
+                     torch.tensor(float(divisor), **f32), torch.tensor(lo, **f32), torch.tensor(hi, **f32))
+        return cls(plan, constants, any(f != (1.0, 1.0) for f in factors), trim,
+                   drawn if any(drawn) else None)
 
 
 def _whole(inputs: MergeInputs) -> TensorInputs:
