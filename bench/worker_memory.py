@@ -190,6 +190,35 @@ def bytes_moved(method: str, base: Path, experts: list[Path], layers: int) -> in
 
 
 # ---- one run (the child) ---------------------------------------------------------------
+def run_pair(tier: str, rounds: int, base: Path, experts: list[Path], layers: int,
+             threads: int) -> dict[str, Any]:
+    """task_arithmetic and ties side by side in one process: both builders set up, then
+    ``rounds`` rounds of one candidate each, alternating which goes first, so both see the
+    same machine (this one is shared and its speed drifts between runs)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from search_spaces.recipe import Recipe
+    from workers.candidate import CandidateBuilder
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    pair = ("task_arithmetic", "ties")
+    recipes = {m: [Recipe.from_dict(recipe_dict(m, base, experts, i, layers)) for i in range(rounds + 1)]
+               for m in pair}
+    builders = {m: CandidateBuilder([str(e) for e in experts], base=str(base), device="cpu", tier=tier)
+                for m in pair}
+    for m in pair:
+        builders[m].build(recipes[m][0])
+    times: dict[str, list[float]] = {m: [] for m in pair}
+    for i in range(1, rounds + 1):
+        for m in (pair if i % 2 else pair[::-1]):
+            t = time.perf_counter()
+            builders[m].build(recipes[m][i])
+            times[m].append(time.perf_counter() - t)
+    return {"tier": tier, "times": times}
+
+
 def builder_takes_tier() -> bool:
     from workers.candidate import CandidateBuilder
 
@@ -390,7 +419,11 @@ def main() -> None:
                         help="stop a run whose RssAnon passes this (default 85%% of MemAvailable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny models, 2 candidates: check the plumbing in seconds")
+    parser.add_argument("--pair-rounds", type=int, default=5,
+                        help="rounds of task_arithmetic and ties side by side in one process, "
+                             "mapped tier (0: none); the TIES goal reads this ratio")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "TIER"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-pair", metavar="TIER", help=argparse.SUPPRESS)
     parser.add_argument("--guard", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--old", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -405,6 +438,10 @@ def main() -> None:
     args.root = Path(args.root) if args.root else big_models.default_root(args.shape)
     layers = big_models.SHAPES[args.shape].layers
 
+    if args.child_pair:
+        base, experts = big_models.build(big_models.SHAPES[args.shape], args.root, quiet=True)
+        print(json.dumps(run_pair(args.child_pair, args.pair_rounds, base, experts, layers, args.threads)))
+        return
     if args.child:
         base, experts = big_models.build(big_models.SHAPES[args.shape], args.root, quiet=True)
         method, tier = args.child
@@ -507,7 +544,19 @@ def main() -> None:
             held = {k: round(v / GB, 2) for k, v in r["held"].items() if v}
             print(f"  held by the builder, {r['method']}/{r['tier']} (GB): {held}")
 
-    goals = check_goals(rows, model_bytes, sources)
+    pair = None
+    if args.pair_rounds > 0 and new_api and {"task_arithmetic", "ties"} <= set(methods):
+        pair = launch_pair(args)
+        if "error" in pair:
+            print(f"\ntask_arithmetic and ties side by side: FAILED\n{pair['error']}")
+        else:
+            med = {m: statistics.median(t) for m, t in pair["times"].items()}
+            pair["s_per_candidate"] = med
+            each = ", ".join(f"{m} {med[m]:.2f} s (" + " ".join(f"{x:.2f}" for x in t) + ")"
+                             for m, t in pair["times"].items())
+            print(f"\ntask_arithmetic and ties side by side ({pair['tier']}, {args.pair_rounds} rounds, "
+                  f"alternating): {each}; ratio {med['ties'] / med['task_arithmetic']:.2f}")
+    goals = check_goals(rows, model_bytes, sources, pair)
     print()
     for g in goals:
         verdict = "N/A " if g["ok"] is None else "PASS" if g["ok"] else "FAIL"
@@ -528,7 +577,8 @@ def main() -> None:
     if args.json:
         out = {"shape": args.shape, "model_bytes": model_bytes, "sources_bytes": sources,
                "bandwidth_bytes_s": bw, "threads": args.threads, "candidates": args.candidates,
-               "cold": args.cold, "dry_run": old_api, "code": code, "rows": rows, "goals": goals}
+               "cold": args.cold, "dry_run": old_api, "code": code, "rows": rows, "goals": goals,
+               "pair": pair}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
         print(f"\nwritten: {args.json}")
@@ -538,8 +588,22 @@ def main() -> None:
         shutil.rmtree(tree, ignore_errors=True)
 
 
-def check_goals(rows: list[dict[str, Any]], model_bytes: int, sources: int) -> list[dict[str, Any]]:
-    """The issue's goals, one entry per (goal, tier or method) that has measurements."""
+def launch_pair(args: argparse.Namespace, tier: str = "mapped") -> dict[str, Any]:
+    """The side-by-side run (``run_pair``) in its own process."""
+    cmd = [sys.executable, __file__, "--child-pair", tier, "--pair-rounds", str(args.pair_rounds),
+           "--threads", str(args.threads), "--root", str(args.root), "--shape", args.shape]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"tier": tier, "error": (proc.stderr or proc.stdout)[-2500:].strip()}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_goals(rows: list[dict[str, Any]], model_bytes: int, sources: int,
+                pair: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The issue's goals, one entry per (goal, tier or method) that has measurements; the
+    TIES goal from the side-by-side run where there is one (separate runs drift apart)."""
     ok_rows = {(r["method"], r["tier"]): r for r in rows if "error" not in r}
     goals: list[dict[str, Any]] = []
     for (method, tier), r in ok_rows.items():
@@ -562,7 +626,7 @@ def check_goals(rows: list[dict[str, Any]], model_bytes: int, sources: int) -> l
                           "ok": ok, "detail": detail})
     for tier in (*TIERS, "old"):
         ta, ties = ok_rows.get(("task_arithmetic", tier)), ok_rows.get(("ties", tier))
-        if ta and ties and ta["s_per_candidate"] and ties["s_per_candidate"]:
+        if pair is None and ta and ties and ta["s_per_candidate"] and ties["s_per_candidate"]:
             ratio = ties["s_per_candidate"] / ta["s_per_candidate"]
             goals.append({"goal": f"ties <= 2 x task_arithmetic s/candidate ({tier})", "ok": ratio <= 2,
                           "detail": f"{ties['s_per_candidate']:.2f} s vs {ta['s_per_candidate']:.2f} s "
@@ -572,6 +636,12 @@ def check_goals(rows: list[dict[str, Any]], model_bytes: int, sources: int) -> l
             goals.append({"goal": f"task_arithmetic <= 2 x its roofline ({tier})", "ok": x <= 2,
                           "detail": f"{ta['s_per_candidate']:.2f} s vs roofline {ta['roofline_s']:.2f} s "
                                     f"({x:.1f}x)"})
+    if pair is not None and "s_per_candidate" in pair:
+        med = pair["s_per_candidate"]
+        ratio = med["ties"] / med["task_arithmetic"]
+        goals.append({"goal": f"ties <= 2 x task_arithmetic s/candidate (side by side, {pair['tier']})",
+                      "ok": ratio <= 2, "detail": f"{med['ties']:.2f} s vs {med['task_arithmetic']:.2f} s "
+                                                  f"({ratio:.2f}x)"})
     return goals
 
 

@@ -40,6 +40,10 @@ from pydantic import BaseModel, Field
 # chunk's size costs no memory there, and fewer chunks mean fewer calls (each ~0.2 ms
 # of Python and guards on a CPU, a quarter of a candidate's time at 2^20).
 CHUNK_ELEMENTS = 1 << 22
+# Chunks of a method merged eagerly (MergeMethod.fused False) and of the eager passes
+# that build histograms: their float32 temporaries stay in the CPU's cache (at 2^22,
+# dare_ties took 29 s per candidate of the 1.1B bench models, at 2^20 16 s).
+EAGER_CHUNK_ELEMENTS = 1 << 20
 
 # Methods whose output at each entry depends only on the inputs at that entry and on
 # per-tensor statistics (a trimming threshold, an L1 norm): merged in chunks, so their

@@ -21,13 +21,9 @@ from typing import Any
 
 import torch
 
-from workers.memory_plan import CHUNK_ELEMENTS
+from workers.memory_plan import CHUNK_ELEMENTS, EAGER_CHUNK_ELEMENTS
 from workers.methods.base import MergeError, MergeInputs, MergeMethod
 from workers.sparsify import MagnitudeHistogram, Workspace
-
-# Rows per step of the eager passes that build a histogram (their temporaries are
-# int64 and float32 copies of the step, so smaller steps than the kernels' chunks)
-EAGER_PASS_ELEMENTS = 1 << 20
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -198,7 +194,7 @@ class TensorInputs:
         if self.histograms is not None and key in self.histograms:
             return self.histograms[key]
         histogram = MagnitudeHistogram()
-        for r0, r1 in self.chunk_rows(EAGER_PASS_ELEMENTS):
+        for r0, r1 in self.chunk_rows(EAGER_CHUNK_ELEMENTS):
             b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
             histogram.add(self._magnitudes(self.chunk_inputs(i, r0, r1), b))
         histogram.compact()
@@ -216,7 +212,7 @@ class TensorInputs:
         table = table.to(self.device)
         bits = torch.empty(0, dtype=torch.int32)
         counts = torch.empty(0, dtype=torch.int64)
-        for r0, r1 in self.chunk_rows(EAGER_PASS_ELEMENTS):
+        for r0, r1 in self.chunk_rows(EAGER_CHUNK_ELEMENTS):
             b = self.flat_rows(self.base, r0, r1) if self.base is not None else None
             chunk = self._magnitudes(self.chunk_inputs(i, r0, r1), b).float().view(torch.int32).reshape(-1)
             index = ((chunk >> histogram.shift) - histogram.first).clamp_(0, histogram.bins - 1)
@@ -292,6 +288,8 @@ def merge_into(method: MergeMethod, inputs: TensorInputs, target: torch.Tensor, 
         raise MergeError(f"tensor {inputs.name}: the target has shape {tuple(target.shape)}, "
                          f"the merge gives {inputs.shape}")
     total = torch.zeros((), dtype=torch.float64, device=target.device)
+    if inputs.chunk_elements is None:
+        inputs.chunk_elements = CHUNK_ELEMENTS if method.fused else EAGER_CHUNK_ELEMENTS
     if method.chunked:
         state = method.prepare(inputs, ws)
         for j, (r0, r1) in enumerate(inputs.chunk_rows()):

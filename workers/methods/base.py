@@ -125,6 +125,11 @@ class MergeMethod(ABC):
     # per-tensor facts that ``prepare`` finds first: the engine then merges the tensor a
     # block of rows at a time, in a small float32 workspace (workers.tensor_merge).
     chunked: ClassVar[bool] = False
+    # True when each chunk is one fused kernel (workers.kernels) whose temporaries stay in
+    # registers: such a method takes big chunks (CHUNK_ELEMENTS); one that computes a chunk
+    # eagerly (random draws, row ranks, residual scales) takes chunks that its float32
+    # temporaries keep in the CPU's cache (EAGER_CHUNK_ELEMENTS)
+    fused: ClassVar[bool] = False
     global_params: ClassVar[tuple[ParamSpec, ...]] = ()
     model_params: ClassVar[tuple[ParamSpec, ...]] = ()
 

@@ -19,6 +19,7 @@ class Linear(MergeMethod):
     global_params = (ParamSpec("normalize", bool, True, help="divide by the summed weights"),)
     model_params = (ParamSpec("weight", float, help="this model's weight"),)
     chunked = True
+    fused = True
 
     def _divisor(self, name: str, weights: list[float], normalize: bool) -> float:
         if not normalize:

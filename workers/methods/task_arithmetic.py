@@ -48,6 +48,7 @@ class TaskVectorMethod(MergeMethod):
     sparsification: ClassVar[str | None] = None  # magnitude | random | outliers | della
     consensus: ClassVar[str | None] = None  # "sum" (TIES) | "count"
     chunked = True
+    fused = True  # the random methods (is_random) set it False: their masks are drawn eagerly
 
     def prepare(self, inputs: TensorInputs, ws: sparsify.Workspace) -> list[Sparsifier]:
         """How each input's task vector is sparsified in this tensor: trimming windows
@@ -199,6 +200,7 @@ class DareTies(TaskVectorMethod):
     sparsification = "random"
     consensus = "sum"
     is_random = True
+    fused = False
     global_params = _shared(normalize=False, rescale=True)
     model_params = (WEIGHT, DENSITY)
 
@@ -210,6 +212,7 @@ class DareLinear(TaskVectorMethod):
     reference = "https://arxiv.org/abs/2311.03099"
     sparsification = "random"
     is_random = True
+    fused = False
     global_params = _shared(normalize=False, rescale=True)
     model_params = (WEIGHT, DENSITY)
 
@@ -243,6 +246,7 @@ class Della(TaskVectorMethod):
     sparsification = "della"
     consensus = "sum"
     is_random = True
+    fused = False
     global_params = _shared(normalize=True, rescale=True)
     model_params = (WEIGHT, DENSITY, EPSILON)
 
@@ -254,5 +258,6 @@ class DellaLinear(TaskVectorMethod):
     reference = "https://arxiv.org/abs/2406.11617"
     sparsification = "della"
     is_random = True
+    fused = False
     global_params = _shared(normalize=False, rescale=True)
     model_params = (WEIGHT, DENSITY, EPSILON)
