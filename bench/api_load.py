@@ -116,7 +116,10 @@ class InstantPool:
     def idle(self) -> int:
         return len(self.slots) - len(self.running)
 
-    def submit(self, trial_id: int, recipe: Any, attempt: int = 1) -> None:
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None) -> None:
         now = time.perf_counter()
         if len(self.running) >= len(self.slots):
             raise RuntimeError("no idle worker: call idle() before submit()")

@@ -12,6 +12,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -184,16 +185,35 @@ class SpecError(ValueError):
     """A study's evaluation spec that cannot work (unknown task, metric, option)."""
 
 
+@dataclass(frozen=True)
+class PathOption:
+    """An evaluator option whose values name files or folders on the server.
+
+    The service checks every such value against the allowed roots (symlinks followed) before
+    any evaluator sees the spec, and hands the evaluator the real path: what a user sends never
+    makes an evaluator read outside the roots.
+    """
+
+    key: str  # the option's key in ``EvaluationSpec.options``
+    holds: Literal["list", "mapping"]  # a list of paths, or a mapping of names to paths
+    # task_dir: a folder of lm-eval task YAML (or ``evomerge:NAME``, a packaged one), audited
+    # before it is loaded; file: a file the evaluator reads
+    points_to: Literal["task_dir", "file"]
+    what: str  # how a refusal names one value, e.g. "text file"
+
+
 class Evaluator(ABC):
     """Scores in-memory models. One instance per worker: set-up is paid once.
 
-    Subclasses set ``name`` and ``Options`` and register with
-    ``@evaluators.registry.register``. ``__init__`` must not load models or touch the
-    accelerator; the first ``evaluate`` may do one-time preparation (building tasks).
+    Subclasses set ``name`` and ``Options`` (and ``path_options`` when an option names files
+    on the server) and register with ``@evaluators.registry.register``. ``__init__`` must not
+    load models or touch the accelerator; the first ``evaluate`` may do one-time preparation
+    (building tasks).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
+    path_options: ClassVar[tuple[PathOption, ...]] = ()
 
     def __init__(self, spec: EvaluationSpec) -> None:
         self.spec = spec

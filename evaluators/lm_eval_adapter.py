@@ -14,6 +14,7 @@ from evaluators.base import (
     EvaluationSpec,
     Evaluator,
     ObjectiveScore,
+    PathOption,
     SpecError,
     Timings,
     failures_as_evaluation_errors,
@@ -44,6 +45,7 @@ class LmEvalEvaluator(Evaluator):
 
     name = "lm_eval"
     Options = LmEvalOptions
+    path_options = (PathOption("task_dirs", holds="list", points_to="task_dir", what="task directory"),)
 
     @classmethod
     def validate(cls, spec: EvaluationSpec) -> EvaluationSpec:

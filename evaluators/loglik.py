@@ -26,6 +26,7 @@ from evaluators.base import (
     EvaluationSpec,
     Evaluator,
     ObjectiveScore,
+    PathOption,
     SpecError,
     Timings,
     failures_as_evaluation_errors,
@@ -71,6 +72,7 @@ class LoglikEvaluator(Evaluator):
 
     name = "loglik"
     Options = LoglikOptions
+    path_options = (PathOption("text_files", holds="mapping", points_to="file", what="text file"),)
 
     @classmethod
     def validate(cls, spec: EvaluationSpec) -> EvaluationSpec:

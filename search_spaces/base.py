@@ -61,11 +61,15 @@ class SpaceSpecBase(BaseModel):
 
 
 class SearchSpace(ABC):
-    """A space of recipes. Subclasses set ``kind`` and ``spec_class`` and implement
-    ``_declare``, ``_decode``, ``encode`` and ``sources``."""
+    """A space of recipes. Subclasses set ``kind``, ``spec_class`` and ``derived_fields`` and
+    implement ``_declare``, ``_decode``, ``encode`` and ``sources``."""
 
     kind: ClassVar[str]
     spec_class: ClassVar[type[SpaceSpecBase]]
+    #: The fields of ``spec_class`` that the service fills in from the study's models (the model
+    #: lists, layer counts): a study's ``space`` leaves them out. None: not declared, and the
+    #: service does not run the space.
+    derived_fields: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, spec: SpaceSpecBase | Mapping[str, Any]):
         if not isinstance(spec, self.spec_class):

@@ -140,6 +140,7 @@ class LayerStackingSpace(SearchSpace):
 
     kind = "stacking"
     spec_class = StackingSpaceSpec
+    derived_fields = ("sources", "base_model")
     spec: StackingSpaceSpec
 
     def slots(self) -> list[Slot]:

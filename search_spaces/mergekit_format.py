@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from search_spaces import merge_methods
 from search_spaces.recipe import Recipe
 
 # Substrings of the tensors that end a layer's residual branches, by family.
@@ -73,7 +74,8 @@ def to_mergekit_dict(recipe: Recipe) -> dict[str, Any]:
 
 def to_mergekit_yaml(recipe: Recipe) -> str:
     header = ""
-    if recipe.merge_method in ("dare_ties", "dare_linear", "della", "della_linear"):
+    declaration = merge_methods.find(recipe.merge_method)
+    if declaration is not None and declaration.random:
         header = (
             f"# {recipe.merge_method} draws random masks: mergekit's draws differ from "
             f"evomerge's (seed {recipe.seed}), so its output will differ in the dropped entries.\n"

@@ -25,170 +25,17 @@ norm is matched by name substrings instead.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any
 
 from search_spaces import param_values as pv
-from search_spaces.base import RecipeNotInSpace, SearchSpace, SpaceSpecBase
+from search_spaces.base import RecipeNotInSpace, SearchSpace
 from search_spaces.genes import Gene
+from search_spaces.parameter_space_spec import METHODS, MethodInfo, ParameterSpaceSpec, filter_tag
 from search_spaces.recipe import ConditionalParameter, ModelEntry, Recipe
 from search_spaces.registry import register_space
 from search_spaces.sources import ModelRef, model_string, source_letter
 
-MAX_COEFFICIENT = 1000.0  # |bounds| of the weight, density and t ranges
-MAX_FIXED = 1_000_000  # |a fixed parameter|
-Scalar = Union[bool, Annotated[int, Field(ge=-MAX_FIXED, le=MAX_FIXED)],
-               Annotated[float, Field(ge=-MAX_FIXED, le=MAX_FIXED)], Annotated[str, Field(max_length=200)]]
-Coefficient = Annotated[float, Field(ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
-
-_TASK_VECTOR_FIXED = ("normalize", "rescale", "rescale_mode", "lambda", "int8_mask")
-DEFAULT_FINAL_NORM_FILTERS = ["model.norm.", "ln_f.", "norm_f."]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    model_params: tuple[str, ...]  # searched per source model
-    global_params: tuple[str, ...]  # searched once (slerp's t)
-    fixed: tuple[str, ...]  # may be fixed in the spec's ``parameters``
-    needs_base: bool = True
-    exactly_one_model: bool = False
-
-
-METHODS: dict[str, MethodInfo] = {
-    "linear": MethodInfo(("weight",), (), ("normalize",), needs_base=False),
-    "task_arithmetic": MethodInfo(("weight",), (), _TASK_VECTOR_FIXED),
-    "ties": MethodInfo(("weight", "density"), (), _TASK_VECTOR_FIXED),
-    "dare_ties": MethodInfo(("weight", "density"), (), _TASK_VECTOR_FIXED),
-    "dare_linear": MethodInfo(("weight", "density"), (), _TASK_VECTOR_FIXED),
-    "breadcrumbs": MethodInfo(("weight", "density"), (), (*_TASK_VECTOR_FIXED, "gamma")),
-    "breadcrumbs_ties": MethodInfo(("weight", "density"), (), (*_TASK_VECTOR_FIXED, "gamma")),
-    "della": MethodInfo(("weight", "density"), (), (*_TASK_VECTOR_FIXED, "epsilon")),
-    "della_linear": MethodInfo(("weight", "density"), (), (*_TASK_VECTOR_FIXED, "epsilon")),
-    "slerp": MethodInfo((), ("t",), (), exactly_one_model=True),
-}
-_DEFAULTS = {"density": 1.0}  # the engine's defaults for searched parameters that have one
-
-
-def _tag(flt: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", flt).strip("_") or "f"
-
-
-MAX_LAYERS = 100_000
-MAX_GRANULARITY = 1024  # layers per gene group
-MAX_FILTERS = 16  # module filters, final-norm filters, fixed parameters
-
-
-class ParameterSpaceSpec(SpaceSpecBase):
-    """A parameter-space search: which method, which models, how fine the genes are."""
-
-    kind: Literal["parameter"] = "parameter"
-    method: str = Field(description="merge method: " + ", ".join(METHODS))
-    base_model: ModelRef | None = Field(
-        default=None, description="the model the others were fine-tuned from (all methods but linear)"
-    )
-    models: list[ModelRef] = Field(min_length=1, description="the source models that get genes")
-    num_layers: int = Field(ge=1, le=MAX_LAYERS,
-                            description="decoder layers of the models (filled in by the service)")
-    granularity: int | None = Field(
-        default=None, ge=1, le=MAX_GRANULARITY,
-        description=f"layers per gene group, 1 … {MAX_GRANULARITY}; None: one group for all layers"
-    )
-    module_filters: list[str] = Field(
-        default_factory=list, max_length=MAX_FILTERS,
-        description="separate genes per filter (a category such as attention / mlp, or a name substring)",
-    )
-    embedding_genes: bool = Field(
-        default=True, description="separate genes for embeddings, final norm and head"
-    )
-    final_norm_filters: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_FINAL_NORM_FILTERS), max_length=MAX_FILTERS,
-        description="name substrings that identify the final norm (it follows the embedding genes)",
-    )
-    weight_range: tuple[Coefficient, Coefficient] = (0.0, 1.0)
-    negative_weights: bool = Field(default=False, description="allow weight_range to go below 0")
-    search_density: bool = Field(default=True, description="search densities (else fixed or default)")
-    density_range: tuple[Coefficient, Coefficient] = (0.1, 1.0)
-    t_range: tuple[Coefficient, Coefficient] = (0.0, 1.0)
-    parameters: dict[str, Scalar] = Field(
-        default_factory=dict, max_length=MAX_FILTERS,
-        description="fixed method parameters (normalize, lambda, gamma, …)"
-    )
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            import difflib
-
-            close = difflib.get_close_matches(value, METHODS, n=2)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(
-                f"method {value!r} has no parameter space{hint}; choose one of {', '.join(METHODS)}"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ParameterSpaceSpec:
-        info = METHODS[self.method]
-        if info.needs_base and self.base_model is None:
-            raise ValueError(f"{self.method} needs base_model: the model the others were fine-tuned from")
-        if info.exactly_one_model and len(self.models) != 1:
-            raise ValueError(
-                f"{self.method} interpolates the base with exactly one other model; got {len(self.models)}"
-            )
-        names = [model_string(m) for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"models are listed twice: {dupes}")
-        if info.needs_base and self.base_model is not None and model_string(self.base_model) in names:
-            raise ValueError(
-                f"base_model {model_string(self.base_model)!r} is also in models: the base is not a "
-                "searched input of a task-vector method; remove it from models"
-            )
-        _check_range("weight_range", self.weight_range)
-        if self.weight_range[0] < 0 and not self.negative_weights:
-            raise ValueError(
-                f"weight_range {list(self.weight_range)} allows negative weights: set "
-                "negative_weights: true to confirm, or raise the lower bound to 0"
-            )
-        _check_range("density_range", self.density_range, 0.0, 1.0)
-        _check_range("t_range", self.t_range, 0.0, 1.0)
-        seen_tags: dict[str, str] = {}
-        for f in self.module_filters:
-            if not f or f == "*":
-                raise ValueError(
-                    "a module filter must be a category or a tensor-name substring, not empty or '*'"
-                )
-            if f == "embeddings" and self.embedding_genes:
-                raise ValueError(
-                    "module filter 'embeddings' duplicates the embedding genes: drop it or set "
-                    "embedding_genes: false"
-                )
-            if _tag(f) in seen_tags:
-                raise ValueError(f"module filters {seen_tags[_tag(f)]!r} and {f!r} are the same filter")
-            seen_tags[_tag(f)] = f
-        allowed = set(info.fixed) | (set() if self.search_density else {"density"})
-        searched = {p for p in info.model_params if p != "density" or self.search_density}
-        for key in self.parameters:
-            if key in searched or key in info.global_params:
-                raise ValueError(f"parameter {key!r} is searched by this space; remove it from parameters")
-            if key not in allowed:
-                takes = ", ".join(sorted(allowed)) or "none"
-                raise ValueError(f"{self.method} has no fixed parameter {key!r}; it takes: {takes}")
-        return self
-
-
-def _check_range(name: str, rng: tuple[float, float], lo: float = -MAX_COEFFICIENT,
-                 hi: float = MAX_COEFFICIENT) -> None:
-    a, b = rng
-    if not (math.isfinite(a) and math.isfinite(b)) or a >= b:
-        raise ValueError(f"{name} {list(rng)} must be two finite numbers, low < high")
-    if a < lo or b > hi:
-        raise ValueError(f"{name} {list(rng)} must lie within [{lo}, {hi}]")
-
+__all__ = ["METHODS", "MethodInfo", "ParameterSpace", "ParameterSpaceSpec"]
 
 _EMB = "emb"
 _LAYERS = "layers"
@@ -200,6 +47,7 @@ class ParameterSpace(SearchSpace):
 
     kind = "parameter"
     spec_class = ParameterSpaceSpec
+    derived_fields = ("models", "base_model", "num_layers")
     spec: ParameterSpaceSpec
 
     # ---- structure -----------------------------------------------------------------
@@ -243,16 +91,20 @@ class ParameterSpace(SearchSpace):
             a, b = groups[group or 0]
             parts.append("all" if len(groups) == 1 else (f"L{a}" if b - a == 1 else f"L{a}-{b - 1}"))
             if scope != _LAYERS:
-                parts.append(_tag(scope))
+                parts.append(filter_tag(scope))
         parts.append(param)
         return ".".join(parts)
 
     def _range(self, param: str) -> tuple[float, float]:
-        return {
-            "weight": self.spec.weight_range,
-            "density": self.spec.density_range,
-            "t": self.spec.t_range,
-        }[param]
+        ranges = {"weight": self.spec.weight_range, "density": self.spec.density_range,
+                  "t": self.spec.t_range}
+        if param in ranges:
+            return ranges[param]
+        declared = self.info.declaration.param(param)  # a plugin's own searchable parameter
+        if declared.minimum is None or declared.maximum is None:
+            raise ValueError(f"{self.spec.method}: searchable parameter {param!r} declares no "
+                             "minimum and maximum, so it has no range to search")
+        return (declared.minimum, declared.maximum)
 
     def planned_dimension(self) -> int:
         n = self.spec.num_layers
@@ -380,7 +232,7 @@ class ParameterSpace(SearchSpace):
                     pos = pv.position(probe, spec.num_layers)
                     value = pv.resolve(param, scopes, probe, pos)
                     if value is None:
-                        value = _DEFAULTS.get(param)
+                        value = info.defaults.get(param)
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         owner = f"model {want[model]!r}" if model is not None else "the recipe"
                         raise RecipeNotInSpace(

@@ -12,60 +12,35 @@ uses :func:`space_spec_type` as a pydantic field type) and builds the space with
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter
 
-import search_spaces
 from search_spaces.base import SearchSpace, SpaceSpecBase
+from search_spaces.plugin_registry import Registry
 
-_SPACES: dict[str, type[SearchSpace]] = {}
-_loaded = False
+SPACES: Registry[type[SearchSpace]] = Registry(
+    "search space kind", "search_spaces", names=lambda cls: (cls.kind,), known="Known kinds",
+    skip=("registry",))
 
 
 def register_space(cls: type[SearchSpace]) -> type[SearchSpace]:
     """Class decorator: make a space available under its ``kind``."""
-    if cls.kind in _SPACES and _SPACES[cls.kind] is not cls:
-        raise ValueError(f"search space kind {cls.kind!r} is registered twice")
-    _SPACES[cls.kind] = cls
-    return cls
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for info in pkgutil.iter_modules(search_spaces.__path__):
-        if not info.ispkg and info.name != "registry" and not info.name.startswith("_"):
-            importlib.import_module(f"search_spaces.{info.name}")
-    _loaded = True
+    return SPACES.register(cls)
 
 
 def kinds() -> list[str]:
-    _load_all()
-    return sorted(_SPACES)
+    return SPACES.names()
 
 
 def space_class(kind: str) -> type[SearchSpace]:
-    _load_all()
-    try:
-        return _SPACES[kind]
-    except KeyError:
-        close = difflib.get_close_matches(str(kind), _SPACES, n=2)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown search space kind {kind!r}.{hint} Known kinds: {', '.join(sorted(_SPACES))}"
-        ) from None
+    return SPACES.get(kind)
 
 
 def space_spec_type() -> Any:
     """The union of every registered spec, discriminated by ``kind`` (a pydantic type)."""
-    _load_all()
-    specs = tuple(cls.spec_class for cls in _SPACES.values())
+    specs = tuple(cls.spec_class for cls in SPACES.values())
     if len(specs) == 1:
         return specs[0]
     return Annotated[Union[specs], Field(discriminator="kind")]  # type: ignore[valid-type]

@@ -4,4 +4,6 @@ Importing this package imports no torch, ray or lm_eval: the API process runs wi
 a GPU and heavy imports stay in the modules that use them.
 """
 
-__version__ = "0.1.0"
+from search_spaces.version import __version__
+
+__all__ = ["__version__"]

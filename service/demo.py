@@ -140,7 +140,7 @@ def run_demo(*, data_dir: Path, trials: int | None = None, seed: int | None = No
              port: int | None = None, out: Path | None = None, log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """The demo flow; returns what it printed as data (for tests)."""
     from service.api.client import Client
-    from service.cli import _watch
+    from service.cli_client import watch
     from service.download import download
     from workers.zoo.build import build_zoo
 
@@ -162,7 +162,7 @@ def run_demo(*, data_dir: Path, trials: int | None = None, seed: int | None = No
                 f"{', '.join(spec['sources'])}, {spec['optimizer']['name']}, "
                 f"{spec['budget']['max_trials']} trials")
             log(f"    watch it live: {service.url}/#/studies/{sid}")
-            if _watch(client, study) != 0:
+            if watch(client, study) != 0:
                 raise RuntimeError(f"the demo study did not complete: {client.study(sid).get('error')}")
             best = client.best(sid)
             assert best is not None

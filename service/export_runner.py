@@ -3,7 +3,7 @@
 Each iteration (:meth:`ExportRunner.step`, called from the controller's loop):
 
 1. a ``pending`` export becomes ``running`` (committed), and a Ray task builds it with
-   ``workers.export.export_trial`` — the API process never loads weights;
+   ``workers.export.run_export_task`` — the API process never loads weights;
 2. progress the task writes to a small file is copied to ``Artifact.progress``;
 3. a finished task makes the export ``ready`` (path, content key, archive sha256 and
    size from its manifest) or ``failed`` with the reason; then the retention policy runs.
@@ -27,37 +27,16 @@ from service.db.models import Artifact, ArtifactState, Event, Study, Trial
 from service.db.types import utcnow
 from service.exports import EXPORT_KIND, evict, exports_root
 from service.settings import Settings
+from service.stored_study import StoredStudy
 
 log = logging.getLogger("evomerge.exports")
 PROGRESS_EVERY_S = 1.0
 POLL_S = 0.25  # how often pending exports are looked for
 
 
-def _run_export(recipe: dict[str, Any], root: str, card: dict[str, Any], shard_size: str,
-                progress_path: str) -> dict[str, Any]:
-    """The Ray task body (runs on a worker): build the export, report progress to a file."""
-    from search_spaces.recipe import Recipe
-    from workers.export import ExportCard, export_trial
-
-    last = [0.0]
-
-    def progress(fraction: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 0.5 or fraction >= 1.0:
-            last[0] = now
-            Path(progress_path).write_text(f"{fraction:.4f}")
-
-    result = export_trial(Recipe.model_validate(recipe), Path(root), ExportCard.model_validate(card),
-                          shard_size=shard_size, progress=progress)
-    return {"key": result.key, "path": str(result.path), "reused": result.reused,
-            "manifest": result.manifest.model_dump(mode="json")}
-
-
 def export_card(study: Study, trial: Trial) -> dict[str, Any]:
-    """What the model card says about the study and the trial."""
-    from service.api.schemas import submitted_spec
-
-    spec = submitted_spec(study)
+    """What the model card says about the study and the trial (``workers.export_manifest.ExportCard``)."""
+    spec = StoredStudy.from_row(study).spec
     heldout = (trial.metrics or {}).get("heldout") if isinstance(trial.metrics, dict) else None
     return {
         "study_id": study.id, "study_name": study.name, "trial_number": trial.number, "spec": spec,
@@ -137,6 +116,7 @@ class ExportRunner:
     def _submit(self, artifact_id: int, recipe: dict[str, Any], card: dict[str, Any]) -> None:
         import ray
 
+        from workers.export import run_export_task
         from workers.pool import init_ray
 
         init_ray(self.settings.ray_address)
@@ -144,8 +124,8 @@ class ExportRunner:
         progress = self.root / ".staging" / f"progress-{artifact_id}"
         progress.parent.mkdir(parents=True, exist_ok=True)
         progress.write_text("0")
-        task = ray.remote(_run_export).options(num_cpus=self.settings.worker_num_cpus, num_gpus=0,
-                                                max_retries=0)
+        task = ray.remote(run_export_task).options(num_cpus=self.settings.worker_num_cpus, num_gpus=0,
+                                                    max_retries=0)
         ref = task.remote(recipe, str(self.root), card, self.settings.export_shard_size, str(progress))
         self.running[ref] = (artifact_id, progress)
         log.info("export %d started", artifact_id)

@@ -16,12 +16,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from search_spaces.archive_format import MANIFEST
 from service.db.models import Artifact, ArtifactState, Study
 from service.db.types import utcnow
 from service.settings import Settings
 from workers.export_store import remove_export  # torch-free
 
-MANIFEST = "evomerge_export.json"
+__all__ = ["DOWNLOAD_LEASE", "EXPORT_KIND", "MANIFEST", "archive_prefix", "evict", "exports_root",
+           "folder_bytes", "read_manifest"]
+
 EXPORT_KIND = "export"
 DOWNLOAD_LEASE = timedelta(seconds=120)  # renewed while a download streams
 

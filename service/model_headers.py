@@ -11,8 +11,9 @@ how to convert. Hub models are read from the local Hugging Face cache, or, when 
 is reachable, from ``config.json`` and the safetensors headers fetched by range requests
 (``huggingface_hub.get_safetensors_metadata``): no weights are downloaded.
 
-The layer detection mirrors ``workers.architecture`` (which the service must not import:
-``workers`` is the torch side); keep the two in step.
+The safetensors headers are parsed by :mod:`search_spaces.safetensors_header` and the layers
+found by :data:`search_spaces.tensor_names.LAYER_RE`: the workers use the same two, so the
+service and the merge engine agree on what a model holds.
 """
 
 from __future__ import annotations
@@ -20,19 +21,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_HEADER_BYTES = 100_000_000
-LAYER_RE = re.compile(r"^(?P<prefix>(?:[\w.]*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
-HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
-EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+from search_spaces.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, read_header
+from search_spaces.tensor_names import EMBED_NAMES, HEAD_NAMES, LAYER_RE, TOKENIZER_FILES
+
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
@@ -164,56 +160,23 @@ class ModelHeaders:
 
 
 # ---- safetensors -------------------------------------------------------------------
-class _Corrupt(ValueError):
-    """Which check a safetensors file failed, worded without any byte of the file."""
-
-
 def read_safetensors_header(path: Path) -> dict[str, TensorHeader]:
     """Tensor name -> header of one safetensors file; checks that the data is all there.
 
     A refusal names the check that failed and never quotes the file (a path that slipped
     past the checks must not be readable through error messages)."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise _Corrupt("it is shorter than the 8-byte header length")
-            (size,) = struct.unpack("<Q", raw)
-            if size > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                raise _Corrupt("its header length is not that of a safetensors file")
-            try:
-                header = json.loads(fh.read(size))
-            except (ValueError, RecursionError):
-                raise _Corrupt("its header is not JSON") from None
-        if not isinstance(header, dict):
-            raise _Corrupt("its header is not a JSON object")
-        out: dict[str, TensorHeader] = {}
-        data_end = 0
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                shape = tuple(int(d) for d in meta["shape"])
-                dtype = str(meta["dtype"])
-                start, end = (int(x) for x in meta["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise _Corrupt("a tensor entry of its header lacks shape, dtype or offsets") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if dtype in DTYPE_BYTES and end - start != numel * DTYPE_BYTES[dtype]:
-                raise _Corrupt("a tensor's byte range does not match its shape and dtype")
-            out[str(name)] = TensorHeader(shape, dtype)
-            data_end = max(data_end, end)
-        if path.stat().st_size < 8 + size + data_end:
-            raise _Corrupt("it is truncated (shorter than its header promises)")
-        return out
-    except (_Corrupt, OSError) as err:
-        why = str(err) if isinstance(err, _Corrupt) else f"it cannot be read ({type(err).__name__})"
-        raise ModelFormatError(
-            f"{path.name} is not a readable safetensors file: {why}",
-            "re-download or re-save the model (transformers' save_pretrained writes safetensors)",
-        ) from None
+        header = read_header(path)
+    except SafetensorsHeaderError as err:
+        why = str(err)
+    except OSError as err:
+        why = f"it cannot be read ({type(err).__name__})"
+    else:
+        return {name: TensorHeader(t.shape, t.dtype) for name, t in header.tensors.items()}
+    raise ModelFormatError(
+        f"{path.name} is not a readable safetensors file: {why}",
+        "re-download or re-save the model (transformers' save_pretrained writes safetensors)",
+    )
 
 
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,254}\.safetensors$")

@@ -1,9 +1,10 @@
 """What the controller holds in memory for one active study, rebuilt from the database.
 
 A :class:`StudyRuntime` is a cache: the validated spec (re-validated from ``Study.spec``),
-its search space, its optimizer (Optuna's storage or pycma's bytes in
-``Study.optimizer_state``) and the trials this process has in flight. Losing it loses
-nothing: a new controller builds it again from the rows (principle 3 of docs/DESIGN).
+its search space, its optimizer (kept where the optimizer declares: Optuna's storage, or
+pycma's bytes in ``Study.optimizer_state``; service/controller/optimizer_store.py) and the
+trials this process has in flight. Losing it loses nothing: a new controller builds it again
+from the rows (principle 3 of docs/DESIGN).
 
 Imports stay light at module level: the optimizers (Optuna, pycma) and workers (Ray,
 torch) are imported inside the functions that build them.
@@ -16,18 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from service.stored_study import StoredStudy
 from service.validation import ValidatedStudy, validate_study
 
 if TYPE_CHECKING:
     from search_spaces.base import SearchSpace
-    from search_spaces.optimizers.base import Optimizer
+    from service.controller.optimizer_store import OptimizerStore
     from service.settings import Settings
     from service.spec import StudySpec
-
-# The most times a trial is dispatched to a worker, all causes together (its worker or node lost,
-# its deadline passed, the controller restarted): then it is failed with the reason. A trial's
-# `attempts` column counts its dispatches (docs/workers.md, "When a worker is lost").
-MAX_ATTEMPTS = 2
 
 
 @dataclass
@@ -46,9 +43,8 @@ class StudyRuntime:
     study_id: str
     validated: ValidatedStudy
     space: SearchSpace
-    optimizer: Optimizer
+    store: OptimizerStore  # the study's optimizer, and where its state is kept
     pool_key: str
-    uses_state: bool  # pycma: save optimizer.state() with every ask and tell
     elapsed_base: float  # Study.elapsed_seconds when this runtime started counting
     next_number: int
     used: int = 0  # trials counting towards max_trials: rows at open + rows inserted since
@@ -67,7 +63,6 @@ class StudyRuntime:
 
         return resolve_sources(Recipe.model_validate(recipe), self.paths).model_dump(mode="json")
     paused: bool = False
-    optuna_storage: Any = None  # service.db.optuna_cache.SoleWriterStorage of an Optuna-based optimizer
     last_saved: float = field(default_factory=time.monotonic)
 
     @property
@@ -99,8 +94,7 @@ def validate_stored(spec: Any, settings: Settings, paths: dict[str, str] | None 
     The API stores the whole validated study (its ``spec`` key holds what the user
     submitted); a bare study spec is accepted too.
     """
-    if isinstance(spec, dict) and isinstance(spec.get("spec"), dict) and "worker_spec" in spec:
-        spec = spec["spec"]
+    spec = StoredStudy.load(spec).spec
     if not paths:
         return validate_study(spec, settings)
     return validate_study(spec, settings, resolve_study_ref=lambda ref: paths[ref.placeholder()])
@@ -139,18 +133,3 @@ def pool_key(worker_spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in worker_spec.items() if k != "memory_plan"}, sort_keys=True,
                       default=str)
 
-
-def make_optimizer(validated: ValidatedStudy, space: SearchSpace, *, storage: Any,
-                   study_name: str, state: bytes | None) -> tuple[Optimizer, bool]:
-    """The study's optimizer, continued from its stored state; returns (optimizer, uses_state).
-
-    Optuna-based optimizers live in ``storage`` under ``study_name`` (a new object on the
-    same study continues it); ``cma`` is restored from ``state`` (None: a fresh start).
-    """
-    from search_spaces.optimizers import create_optimizer, get
-    from search_spaces.optimizers.pycma import PyCma
-
-    spec = validated.optimizer
-    if issubclass(get(spec.name), PyCma):
-        return create_optimizer(spec, space, state=state), True
-    return create_optimizer(spec, space, storage=storage, study_name=study_name), False

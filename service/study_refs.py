@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from search_spaces.sources import StudyRef
 from service.db.models import Artifact, ArtifactState, Event, Study, StudyStatus, Trial, TrialState
 from service.exports import EXPORT_KIND
+from service.stored_study import StoredStudy
 
 
 def referenced_trial(session: Session, ref: StudyRef) -> tuple[Study, Trial]:
@@ -55,11 +56,10 @@ def submission_folder(session: Session, ref: StudyRef) -> Path:
     export = _ready_export(session, study.id, trial.number)
     if export is not None:
         return Path(export.path)
-    stored = study.spec if isinstance(study.spec, dict) else {}
-    space = stored.get("space_spec") or {}
-    models = [m for m in stored.get("models") or [] if m.get("path")]
-    if space.get("kind") == "parameter" and models:
-        return Path(models[0]["path"])  # a parameter-space merge keeps its sources' shapes
+    stored = StoredStudy.from_row(study)
+    paths = [m.path for m in stored.models if m.path]
+    if stored.space_spec.get("kind") == "parameter" and paths:
+        return Path(paths[0])  # a parameter-space merge keeps its sources' shapes
     raise LookupError(f"the model of trial {trial.number} of study {ref.study!r} has to be exported first "
                       f"(POST /studies/{ref.study}/exports {{\"trial\": {trial.number}}})")
 
@@ -97,11 +97,5 @@ def export_paths(session: Session, refs: list[StudyRef], requested_by: str) -> d
 
 
 def stored_refs(stored: Any) -> list[StudyRef]:
-    """The study references of a stored (validated) study."""
-    if not isinstance(stored, dict):
-        return []
-    if "study_refs" in stored:  # the validated form the API stores
-        return [StudyRef.model_validate(r) for r in stored["study_refs"] or []]
-    named = [*(stored.get("sources") or []), stored.get("base_model")]  # a bare spec
-    refs = [StudyRef.model_validate(r) for r in named if isinstance(r, dict) and "study" in r]
-    return list(dict.fromkeys(refs))
+    """The study references of a stored study (a ``Study.spec`` value)."""
+    return StoredStudy.load(stored).refs()

@@ -58,7 +58,7 @@ class FakeController:
 
 def write_export(root: Path, key: str, files: dict[str, bytes]) -> tuple[Path, dict]:
     """A complete export folder as a worker leaves it: files, then the manifest."""
-    from service.archive import plan_archive
+    from search_spaces.archive_format import plan_archive
     from service.exports import MANIFEST
 
     folder = root / key

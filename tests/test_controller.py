@@ -184,16 +184,19 @@ def test_kill_9_and_restart_continue_the_study(llama, db, settings, ray_local, m
     assert gens == sorted(gens) and gens[-1] > gen_before >= 1
 
 
-def test_results_committed_but_not_told_are_told_after_a_restart(llama, db, settings, ray_local):
+def test_results_committed_but_not_told_are_told_after_a_restart(llama, db, settings, ray_local, monkeypatch):
     """The crash windows around Optuna's separate connection: our row committed but the tell
     lost, and a point asked from Optuna but never recorded by us."""
     import optuna
+
+    from service.controller import OptimizerStore
 
     url, sessions = db
     sid = add_study(sessions, spec(llama, trials=6))
     controller = Controller(settings, sessions)
     try:
-        controller._tell = lambda *args, **kwargs: None  # each tell is "lost" right after its commit
+        # each tell is "lost" right after its commit
+        monkeypatch.setattr(OptimizerStore, "tell", lambda *args, **kwargs: None)
         step_until(controller, lambda: study_row(sessions, sid).trials_done >= 3)
         set_status(sessions, sid, StudyStatus.PAUSED)
         step_until(controller, lambda: not controller.runtimes[sid].in_flight)
@@ -203,7 +206,7 @@ def test_results_committed_but_not_told_are_told_after_a_restart(llama, db, sett
         orphan = optuna.load_study(study_name=study.optuna_study_name, storage=url).ask().number
 
         # a restart, keeping the (warm) workers: the runtime is rebuilt from the database
-        del controller._tell
+        monkeypatch.undo()
         controller.runtimes.clear()
         set_status(sessions, sid, StudyStatus.RUNNING)
         step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)

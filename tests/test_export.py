@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
+from search_spaces.archive_format import plan_archive
 from search_spaces.recipe import Recipe
-from service.archive import plan_archive
 from workers.export import (
     ExportCard,
     cleanup_staging,
@@ -105,7 +105,7 @@ def test_archive_is_deterministic(folder: Path, tmp_path: Path) -> None:
 
 
 def test_archive_long_names_and_huge_sizes_use_pax(folder: Path) -> None:
-    from service.archive import member_headers
+    from search_spaces.archive_format import member_headers
 
     plan = plan_archive(folder, "a-prefix/" + "p" * 40)
     with tarfile.open(fileobj=io.BytesIO(b"".join(plan.iter_bytes()))) as tar:
@@ -120,7 +120,7 @@ def test_archive_long_names_and_huge_sizes_use_pax(folder: Path) -> None:
 
 
 def test_archive_refuses_a_file_that_changed_size(folder: Path) -> None:
-    from service.archive import ArchiveChanged
+    from search_spaces.archive_format import ArchiveChanged
 
     plan = plan_archive(folder, "pre")
     (folder / "sub" / "b.bin").write_bytes(b"shorter")
@@ -129,7 +129,7 @@ def test_archive_refuses_a_file_that_changed_size(folder: Path) -> None:
 
 
 def test_api_side_modules_do_not_import_torch() -> None:
-    code = ("import sys, service.archive, workers.export; "
+    code = ("import sys, search_spaces.archive_format, workers.export; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

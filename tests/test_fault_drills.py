@@ -28,9 +28,9 @@ from sqlalchemy import select
 
 from service.controller import Controller
 from service.db import Event, StudyStatus, Trial, TrialState
-from service.runtime import MAX_ATTEMPTS
 from tests.test_controller import add_study, db, llama, settings, spec, step_until, study_row, trials
 from workers.pool import WorkerPool
+from workers.retry import MAX_ATTEMPTS
 
 __all__ = ["db", "llama", "settings"]  # fixtures, shared with test_controller
 

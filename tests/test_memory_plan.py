@@ -16,7 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.memory_plan import (
     CHUNK_ELEMENTS,
-    CHUNKED_METHODS,
     DEFAULT_EVAL_TOKENS,
     HISTOGRAM_MAX_BYTES,
     HISTOGRAM_MIN_ELEMENTS,
@@ -370,15 +369,24 @@ def test_the_planner_imports_no_torch():
 
 
 # ---- the contract with the merge engine --------------------------------------------------
-def test_every_merge_method_declares_whether_it_is_chunked_as_the_planner_assumes():
-    """``MergeMethod.chunked`` (True for a method merged in CHUNK_ELEMENTS pieces) must match
-    ``CHUNKED_METHODS``, which sizes the planner's workspace."""
-    from workers import methods
+def test_the_planner_sizes_each_method_by_its_declaration():
+    """The planner reads each method's declaration (search_spaces.merge_methods), which the
+    engine reads too: a ``chunked`` method's workspace is a few chunks, the others' a few
+    float32 copies of the largest tensor; magnitude histograms only for ``trims_by_magnitude``;
+    a task-vector cache only for ``forms_task_vectors``."""
+    from search_spaces import merge_methods
 
-    declared = {name: getattr(methods.get(name), "chunked", None) for name in methods.names()}
-    missing = sorted(n for n, v in declared.items() if not isinstance(v, bool))
-    assert not missing, f"these merge methods do not declare `chunked: ClassVar[bool]`: {missing}"
-    assert {n for n, v in declared.items() if v} == set(CHUNKED_METHODS)
+    largest = 152064 * 3584
+    for declared in merge_methods.declarations():
+        sources = three_7b()[:2] if declared.max_models == 1 else three_7b()
+        p = plan(sources, method=declared.name, limits=gpu(None), cache_task_vectors=True)
+        workspace = p.breakdown["workspace"]
+        if declared.chunked:
+            assert workspace < largest * 4, declared.name
+        else:
+            assert workspace >= 2 * largest * 4, declared.name
+        assert (p.breakdown["magnitude_histograms"] > 0) == declared.trims_by_magnitude, declared.name
+        assert (p.breakdown["task_vector_cache"] > 0) == declared.forms_task_vectors, declared.name
 
 
 def test_histogram_limits_are_the_sparsifiers():

@@ -12,7 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-LAYER_RE = re.compile(r"^(?P<prefix>(?:[\w.]*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+from search_spaces.tensor_names import EMBED_NAMES, HEAD_NAMES, LAYER_RE
+
+__all__ = ["CATEGORIES", "LAYER_RE", "ArchitectureError", "ModelLayout", "category", "find_layout",
+           "layer_count_keys"]
 
 CATEGORIES = ("attention", "mlp", "embeddings", "norms", "other")
 
@@ -22,8 +25,6 @@ _ATTN_OUT = re.compile(
 _MLP_OUT = re.compile(
     r"(?:^|\.)(?:mlp|feed_forward|ffn)\.(?:down_proj|c_proj|fc2|dense_4h_to_h|w2)\.(?:weight|bias)$"
 )
-_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
-_EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 def category(name: str) -> str:
@@ -117,10 +118,10 @@ def find_layout(names: list[str], config: dict, ref: str = "model") -> ModelLayo
         if layers[i] != layers[0]:
             missing = sorted(set(layers[0]) ^ layers[i])
             raise ArchitectureError(f"{ref}: layer {i} differs from layer 0 in {missing[:5]}")
-    embed = next((o for o in others if o.endswith(_EMBED_NAMES)), None)
-    pre = [o for o in others if category(o) == "embeddings" and not o.endswith(_HEAD_NAMES)]
+    embed = next((o for o in others if o.endswith(EMBED_NAMES)), None)
+    pre = [o for o in others if category(o) == "embeddings" and not o.endswith(HEAD_NAMES)]
     post = [o for o in others if o not in pre]
-    head_present = any(o.endswith(_HEAD_NAMES) for o in others)
+    head_present = any(o.endswith(HEAD_NAMES) for o in others)
     tied = None
     if not head_present and embed is not None and config.get("tie_word_embeddings", True):
         tied = "lm_head.weight"

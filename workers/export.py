@@ -18,7 +18,7 @@ leaves at most a staging folder, which is never served and which
 This module reads weights (the worker side). It imports torch only inside the
 functions that merge or hash models, so the pydantic models and :func:`load_export`
 are cheap to import, but the API process must not import it anyway: it reads the
-manifest's JSON and serves the folder through ``service.archive``.
+manifest's JSON and serves the folder through ``search_spaces.archive_format``.
 
 Test hook: with ``EVOMERGE_EXPORT_TEST_SLEEP=<seconds>`` in the environment, an export
 sleeps that long after merging its first tensor (announcing it on stderr), so a test
@@ -40,10 +40,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from search_spaces.archive_format import MANIFEST, plan_archive
 from search_spaces.recipe import Recipe
-from service.archive import plan_archive
+from search_spaces.tensor_names import COMPANION_FILES
+from search_spaces.version import evomerge_version
+from workers.export_manifest import (
+    EXPORT_FORMAT,
+    ExportCard,
+    ExportFile,
+    ExportManifest,
+    ExportResult,
+    ExportSource,
+    SourceFile,
+)
 from workers.export_store import (
     DIGEST_CACHE,
     HASH_CHUNK,
@@ -62,78 +73,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExportCard", "ExportFile", "ExportManifest", "ExportResult", "ExportSource", "SourceFile",
-    "cleanup_staging", "export_key", "export_trial", "load_export", "remove_export",
+    "cleanup_staging", "export_key", "export_trial", "load_export", "remove_export", "run_export_task",
 ]
 
-MANIFEST = "evomerge_export.json"
 SUMS = "SHA256SUMS"
 README = "README.md"
 MERGEKIT_CONFIG = "mergekit_config.yml"
-EXPORT_FORMAT = 1  # part of the key: bump when the folder's layout changes
 TEST_SLEEP_ENV = "EVOMERGE_EXPORT_TEST_SLEEP"
 # shares of the progress fraction: merging, hashing the files, hashing the archive
 _MERGE_SHARE, _SUMS_SHARE = 0.8, 0.1
-
-
-class ExportCard(BaseModel):
-    """What the model card says about the trial (the caller knows it; the worker doesn't)."""
-
-    study_id: str
-    study_name: str
-    trial_number: int
-    spec: dict[str, Any] = Field(description="the study spec as submitted")
-    optimizer: dict[str, Any]
-    seed: int | None = None
-    scores: dict[str, float] = Field(description="per-task scores on the search subset")
-    heldout_scores: dict[str, float] | None = None
-    fitness: float | None = None
-    values: list[float] | None = None
-
-
-class ExportFile(BaseModel):
-    name: str  # path relative to the export folder (POSIX)
-    size: int
-    sha256: str
-
-
-class SourceFile(BaseModel):
-    name: str  # path relative to the source model's folder
-    sha256: str
-    size: int
-
-
-class ExportSource(BaseModel):
-    ref: str  # the model reference as the recipe gives it
-    files: list[SourceFile]
-
-
-class ExportManifest(BaseModel):
-    """``evomerge_export.json``: written last; its presence marks an export complete."""
-
-    format: int = EXPORT_FORMAT
-    key: str
-    study_id: str
-    study_name: str
-    trial_number: int
-    files: list[ExportFile] = Field(description="every file of the folder but the manifest")
-    archive_prefix: str = Field(description="folder name inside the tar (service.archive)")
-    archive_sha256: str
-    archive_size: int
-    created_at: str
-    evomerge_version: str
-    sources: list[ExportSource]
-    recipe: dict[str, Any]
-    mergekit_config: bool
-    mergekit_note: str | None = Field(None, description="why there is no mergekit_config.yml")
-    shard_size: int
-    card: ExportCard
-
-
-class ExportResult(BaseModel):
-    key: str
-    path: Path
-    manifest: ExportManifest
-    reused: bool
 
 
 # ---- the content address -----------------------------------------------------------------------
@@ -148,7 +96,6 @@ def source_refs(recipe: Recipe) -> list[str]:
 def _source_paths(ref: str) -> tuple[Path, list[Path]]:
     """A source's folder and the files of it an export depends on: its weights, its
     config and its tokenizer files."""
-    from workers.merge import TOKENIZER_FILES
     from workers.model_io import LazyModel
 
     model = LazyModel(ref)
@@ -156,7 +103,7 @@ def _source_paths(ref: str) -> tuple[Path, list[Path]]:
         files = list(model.weight_files())
     finally:
         model.close()
-    for name in ("config.json", *TOKENIZER_FILES):
+    for name in ("config.json", *COMPANION_FILES):
         if (model.path / name).is_file():
             files.append(model.path / name)
     return model.path, sorted(set(files))
@@ -227,17 +174,6 @@ def archive_name(card: ExportCard) -> str:
     return f"evomerge-{slug or 'study'}-trial{card.trial_number}"
 
 
-def evomerge_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("evomerge")
-    except PackageNotFoundError:
-        from service import __version__
-
-        return __version__
-
-
 def _folder_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(
         (p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file()
@@ -284,7 +220,7 @@ def _mergekit_config(recipe: Recipe, out: Path) -> str | None:
 def _build(recipe: Recipe, out_parent: Path, key: str, card: ExportCard, sources: list[ExportSource],
            shard_size: str | int, progress: _Progress) -> tuple[Path, ExportManifest]:
     """Merge and write everything of an export into ``out_parent/model``."""
-    from workers.export_card import render_readme
+    from workers.export_card import render_readme  # torch, through workers.model_io
     from workers.plan import build_plan
     from workers.safetensors_writer import parse_size
 
@@ -391,6 +327,24 @@ def export_trial(
     finally:
         staging.close()
     return ExportResult(key=key, path=final, manifest=manifest, reused=False)
+
+
+def run_export_task(recipe: dict[str, Any], root: str, card: dict[str, Any], shard_size: str,
+                    progress_path: str) -> dict[str, Any]:
+    """The body of the controller's export Ray task (``service.export_runner``): plain data in
+    and out; the progress fraction is written to ``progress_path`` (at most twice a second)."""
+    last = [0.0]
+
+    def progress(fraction: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or fraction >= 1.0:
+            last[0] = now
+            Path(progress_path).write_text(f"{fraction:.4f}")
+
+    result = export_trial(Recipe.model_validate(recipe), Path(root), ExportCard.model_validate(card),
+                          shard_size=shard_size, progress=progress)
+    return {"key": result.key, "path": str(result.path), "reused": result.reused,
+            "manifest": result.manifest.model_dump(mode="json")}
 
 
 # ---- command line ----------------------------------------------------------------------

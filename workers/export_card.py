@@ -22,11 +22,21 @@ from workers.architecture import category
 from workers.model_io import looks_like_hub_id
 
 if TYPE_CHECKING:
-    from workers.export import ExportCard, ExportSource
+    from workers.export_manifest import ExportCard, ExportSource
     from workers.plan import MergePlan
 
-RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 OUTSIDE = "outside layers"  # the row of embeddings, final norm and head
+
+
+def is_random(method: str) -> bool:
+    """Whether the merge method draws random masks (its seed matters), as the method declares."""
+    from workers import methods
+    from workers.methods.base import MergeError
+
+    try:
+        return bool(methods.get(method).is_random)
+    except MergeError:  # not a method of this engine: nothing random to report
+        return False
 
 
 def md_cell(text: str) -> str:
@@ -176,7 +186,7 @@ def recipe_section(plan: MergePlan) -> str:
            + (f", base model: {names[recipe.base_model]}" if recipe.base_model else "")
            + f", output dtype: `{str(plan.out_dtype).removeprefix('torch.')}`"
            + f", {plan.num_layers} layers"
-           + (f", seed {recipe.seed}" if recipe.merge_method in RANDOM_METHODS else "") + ".", ""]
+           + (f", seed {recipe.seed}" if plan.method.is_random else "") + ".", ""]
     if recipe.slices is not None:
         out += ["Layers:", "", slice_table(recipe, names)]
     set_params = _set_params(recipe)
@@ -234,7 +244,7 @@ def reproduce_section(recipe: Recipe, mergekit_note: str | None) -> str:
     if mergekit_note is None:
         lines += ["With mergekit (same weights up to float rounding for deterministic methods):", "",
                   "```sh", "mergekit-yaml mergekit_config.yml out/", "```", ""]
-        if recipe.merge_method in RANDOM_METHODS:
+        if is_random(recipe.merge_method):
             lines += [f"`{recipe.merge_method}` drops entries at random: mergekit draws its own masks, "
                       "so its output differs from this one in the dropped entries.", ""]
     else:

@@ -18,24 +18,12 @@ from pathlib import Path
 import torch
 
 from search_spaces.recipe import Recipe
+from search_spaces.tensor_names import COMPANION_FILES
 from workers.methods.base import MergeError
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
 from workers.safetensors_writer import ShardedWriter, TensorSpec, parse_size
 from workers.sparsify import Workspace
 from workers.tensor_merge import TensorInputs, merge_into
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -109,7 +97,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> None:
     """config.json (patched), tokenizer files and generation config from the sources."""
     (out_dir / "config.json").write_text(json.dumps(patched_config(plan), indent=2) + "\n")
     tok_dir = plan.models[plan.tokenizer_source].path
-    for fname in TOKENIZER_FILES:
+    for fname in COMPANION_FILES:
         src = tok_dir / fname
         if src.exists():
             shutil.copyfile(src, out_dir / fname)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from search_spaces.safetensors_header import SafetensorsHeader, SafetensorsHeaderError, read_header
 
 WEIGHT_PATTERNS = [
     "*.safetensors",
@@ -103,16 +104,12 @@ def resolve_model_path(ref: str, *, revision: str | None = None) -> Path:
         ) from exc
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The header of a safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header of {size} bytes)")
-        return json.loads(fh.read(size)), 8 + size
+def _read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The checked header of a safetensors file (:mod:`search_spaces.safetensors_header`)."""
+    try:
+        return read_header(path)
+    except SafetensorsHeaderError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from None
 
 
 class LazyModel:
@@ -154,18 +151,15 @@ class LazyModel:
 
     def _index_safetensors(self, files: list[str]) -> None:
         for fname in files:
-            header, data_start = _read_safetensors_header(self.path / fname)
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            header = _read_safetensors_header(self.path / fname)
+            for name, entry in header.tensors.items():
+                dtype = SAFETENSORS_DTYPES.get(entry.dtype)
                 if dtype is None:
                     raise ValueError(
-                        f"model {self.ref!r}: tensor {name} has unsupported dtype {meta['dtype']}"
+                        f"model {self.ref!r}: tensor {name} has unsupported dtype {entry.dtype}"
                     )
-                start, end = meta["data_offsets"]
-                info = TensorInfo(name, tuple(meta["shape"]), dtype, fname, data_start + start)
-                if info.nbytes != end - start:
+                info = TensorInfo(name, entry.shape, dtype, fname, header.data_start + entry.start)
+                if info.nbytes != entry.end - entry.start:
                     raise ValueError(f"model {self.ref!r}: tensor {name} has a corrupt size")
                 self.tensors[name] = info
 

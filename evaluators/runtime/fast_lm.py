@@ -13,18 +13,22 @@ after EOS, lm-eval's stop-sequence rule) so its outputs are identical; anything 
 not reproduce (sampling, logits processors from the model's generation config, encoder-
 decoder models, static caches) falls back to ``HFLM.generate_until``.
 ``loglikelihood`` requests take HFLM's normal path, with tokenization memoized.
+
+``HFLM`` imports torch, which ``import evaluators`` must not: the methods live in a mixin,
+and :class:`FastHFLM` (the mixin over ``HFLM``) is built on first use
+(:func:`fast_hflm_class`; ``from evaluators.runtime.fast_lm import FastHFLM`` does that).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+if TYPE_CHECKING:
+    import torch
 
 # generation_config fields that do not change a greedy decode (sampling knobs are
 # ignored when do_sample=False; the rest are bookkeeping or token ids we honour).
@@ -72,8 +76,9 @@ def _group_key(gen_kwargs: dict) -> Any:
         return tuple(gen_kwargs)
 
 
-class FastHFLM(HFLM):
-    """``HFLM(pretrained=model, tokenizer=...)`` for one worker's resident model."""
+class _FastDecoding:
+    """What :class:`FastHFLM` adds to ``HFLM(pretrained=model, tokenizer=...)`` for one
+    worker's resident model (a mixin: it comes before ``HFLM`` in the class's bases)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, **kwargs: Any) -> None:
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
@@ -96,7 +101,7 @@ class FastHFLM(HFLM):
     def max_length(self) -> int:
         # HFLM re-derives it from the config on every access (thousands per loglikelihood call)
         if self._resolved_max_length is None:
-            self._resolved_max_length = HFLM.max_length.fget(self)
+            self._resolved_max_length = super().max_length  # HFLM's
         return self._resolved_max_length
 
     # -- tokenization, memoized: the same prompts are encoded for every candidate --
@@ -126,6 +131,8 @@ class FastHFLM(HFLM):
             return None
         if self.mixed_precision_dtype is not None or not isinstance(self.batch_size, int):
             return None
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         grouped: dict[Any, list[int]] = {}
         for i, req in enumerate(requests):
@@ -189,6 +196,8 @@ class FastHFLM(HFLM):
             if requests is None:
                 raise RuntimeError("this model needs HFLM.generate_until: pass the requests")
             return super().generate_until(list(requests), disable_tqdm=True)
+        from lm_eval.models.utils import postprocess_generated_text
+
         out: list[str | None] = [None] * plan.n
         think = self.think_end_token if isinstance(self.think_end_token, str) else None
         for group in plan.groups:
@@ -234,52 +243,55 @@ class FastHFLM(HFLM):
             for s in until if s not in eos_texts
         ]
 
-    @torch.inference_mode()
     def _greedy(self, batch: _Batch, max_new: int, windows: list[tuple[str, int]]) -> list[list[int]]:
+        import torch
         from transformers import DynamicCache
 
-        model = self.model
-        device = model.device
-        eos_ids = self._eos_ids()
-        pad = self.tokenizer.pad_token_id
-        if pad is None:  # as model.generate does: pad with EOS
-            pad = eos_ids[0] if eos_ids else 0
-        ids = batch.input_ids.to(device)
-        mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
-        pos = batch.position_ids.to(device)
-        extra: dict[str, Any] = {"use_cache": True}
-        if self._model_ok is not None and self._model_ok[2]:
-            extra["logits_to_keep"] = 1
-        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        cache_arg = self._model_ok[3] if self._model_ok is not None else "past_key_values"
-        extra[cache_arg] = cache
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
-        n = ids.shape[0]
-        unfinished = torch.ones(n, dtype=torch.bool, device=device)
-        eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-        trackers = [torch.zeros(n, dtype=torch.bool) for _ in windows]
-        steps: list[torch.Tensor] = []
-        for step in range(max_new):
-            nxt = out.logits[:, -1].float().argmax(-1)
-            if eos is not None:
-                nxt = torch.where(unfinished, nxt, pad)
-                unfinished &= (nxt != eos) if eos.numel() == 1 else ~torch.isin(nxt, eos)
-            steps.append(nxt)
-            if step == max_new - 1 or (eos is not None and not bool(unfinished.any())):
-                break
-            if windows and self._stop_strings_seen(steps, windows, trackers):
-                break
-            pos = pos[:, -1:] + 1
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **extra)
-        return torch.stack(steps, dim=1).tolist()
+        with torch.inference_mode():
+            model = self.model
+            device = model.device
+            eos_ids = self._eos_ids()
+            pad = self.tokenizer.pad_token_id
+            if pad is None:  # as model.generate does: pad with EOS
+                pad = eos_ids[0] if eos_ids else 0
+            ids = batch.input_ids.to(device)
+            mask = batch.attention_mask.to(device) if batch.attention_mask is not None else None
+            pos = batch.position_ids.to(device)
+            extra: dict[str, Any] = {"use_cache": True}
+            if self._model_ok is not None and self._model_ok[2]:
+                extra["logits_to_keep"] = 1
+            cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            cache_arg = self._model_ok[3] if self._model_ok is not None else "past_key_values"
+            extra[cache_arg] = cache
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
+            n = ids.shape[0]
+            unfinished = torch.ones(n, dtype=torch.bool, device=device)
+            eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+            trackers = [torch.zeros(n, dtype=torch.bool) for _ in windows]
+            steps: list[torch.Tensor] = []
+            for step in range(max_new):
+                nxt = out.logits[:, -1].float().argmax(-1)
+                if eos is not None:
+                    nxt = torch.where(unfinished, nxt, pad)
+                    unfinished &= (nxt != eos) if eos.numel() == 1 else ~torch.isin(nxt, eos)
+                steps.append(nxt)
+                if step == max_new - 1 or (eos is not None and not bool(unfinished.any())):
+                    break
+                if windows and self._stop_strings_seen(steps, windows, trackers):
+                    break
+                pos = pos[:, -1:] + 1
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **extra)
+            return torch.stack(steps, dim=1).tolist()
 
     def _stop_strings_seen(self, steps: list[torch.Tensor], windows: list[tuple[str, int]],
                            trackers: list[torch.Tensor]) -> bool:
         # lm-eval's MultiTokenEOSCriteria: per stop string, a row is done once the string
         # shows in its last few generated tokens (decoded with special tokens); the batch
         # stops when every row is done for one of the strings.
+        import torch
+
         generated = torch.stack(steps, dim=1)
         for (stop, width), done in zip(windows, trackers):
             texts = self.tokenizer.batch_decode(generated[:, -width:])
@@ -298,3 +310,22 @@ def _cache_argument(params: Any) -> str | None:
         if name in params:
             return name
     return None
+
+
+@functools.cache
+def fast_hflm_class() -> type:
+    """``FastHFLM``: the fast decoding over lm-eval's ``HFLM`` (imports torch and lm-eval's
+    model code, once)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class FastHFLM(_FastDecoding, HFLM):
+        """``HFLM(pretrained=model, tokenizer=...)`` for one worker's resident model."""
+
+    FastHFLM.__qualname__ = "FastHFLM"  # found as evaluators.runtime.fast_lm.FastHFLM (pickle)
+    return FastHFLM
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FastHFLM":
+        return fast_hflm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

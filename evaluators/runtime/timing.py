@@ -1,10 +1,16 @@
-"""Seconds spent inside a model's forward passes, measured with module hooks."""
+"""Seconds spent inside a model's forward passes, measured with module hooks.
+
+Torch is imported only when a timer starts on a CUDA model (``import evaluators`` stays
+torch-free)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class ForwardTimer:
@@ -21,7 +27,7 @@ class ForwardTimer:
         self._start = 0.0
         self._depth = 0
         self._handles: list = []
-        self._sync = False
+        self._sync: Callable[[], None] | None = None  # torch.cuda.synchronize on a CUDA model
 
     def _pre(self, module, args) -> None:
         if self._depth == 0:
@@ -31,13 +37,17 @@ class ForwardTimer:
     def _post(self, module, args, output) -> None:
         self._depth -= 1
         if self._depth == 0:
-            if self._sync:
-                torch.cuda.synchronize()
+            if self._sync is not None:
+                self._sync()
             self.seconds += time.perf_counter() - self._start
             self.calls += 1
 
     def __enter__(self) -> ForwardTimer:
-        self._sync = any(p.is_cuda for p in self.model.parameters())
+        self._sync = None
+        if any(p.is_cuda for p in self.model.parameters()):
+            import torch
+
+            self._sync = torch.cuda.synchronize
         self._handles = [
             self.model.register_forward_pre_hook(self._pre),
             self.model.register_forward_hook(self._post),

@@ -7,9 +7,6 @@ Every module of this package that defines an optimizer registers it with ``@regi
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any
 
 from search_spaces.optimizers.base import (
@@ -19,49 +16,27 @@ from search_spaces.optimizers.base import (
     OptimizerSpec,
     Point,
 )
+from search_spaces.plugin_registry import Registry
 
 if TYPE_CHECKING:
     from search_spaces.base import SearchSpace
     from search_spaces.genes import GeneSet
 
-_REGISTRY: dict[str, type[Optimizer]] = {}
-_loaded = False
+OPTIMIZERS: Registry[type[Optimizer]] = Registry(
+    "optimizer", __name__, names=lambda cls: cls.names, skip=("base",))
 
 
 def register(cls: type[Optimizer]) -> type[Optimizer]:
     """Class decorator: make an optimizer available under each of its ``names``."""
-    for name in cls.names:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"optimizer {name!r} is registered twice")
-        _REGISTRY[name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    return OPTIMIZERS.register(cls)
 
 
 def get(name: str) -> type[Optimizer]:
-    _load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=2)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown optimizer {name!r}.{hint} Known optimizers: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return OPTIMIZERS.get(name)
 
 
 def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return OPTIMIZERS.names()
 
 
 def create_optimizer(
@@ -93,6 +68,7 @@ def create_optimizer(
 
 
 __all__ = [
+    "OPTIMIZERS",
     "Failure",
     "Optimizer",
     "OptimizerError",

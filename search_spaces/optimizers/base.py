@@ -27,6 +27,10 @@ from search_spaces.genes import GeneSet
 from search_spaces.recipe import Recipe
 
 Direction = Literal["maximize", "minimize"]
+# How an optimizer's state outlives the process (:attr:`Optimizer.persistence`):
+# "state": ``state()`` bytes, saved by the caller and handed back to ``create(state=...)``;
+# "storage": kept in the storage handed to ``create(storage=..., study_name=...)`` (an Optuna storage).
+Persistence = Literal["state", "storage"]
 
 
 class OptimizerError(ValueError):
@@ -113,11 +117,22 @@ def option(spec: OptimizerSpec, name: str, default: Any, kind: type, low: float 
 
 class Optimizer(ABC):
     """One optimizer over a :class:`GeneSet`. Subclasses set ``names`` and implement
-    ``_ask_one`` and ``_tell``."""
+    ``_ask_one`` and ``_tell``; they declare how they persist and what budget they need
+    (the class attributes below), which the service reads instead of knowing optimizers by name."""
 
     names: ClassVar[tuple[str, ...]]
     multi_objective: ClassVar[bool] = False
     known_options: ClassVar[frozenset[str]] = frozenset()
+    # "state": the caller saves ``state()`` with every ask and tell, in the same transaction as
+    # the trial it belongs to, and continues with ``create(state=...)`` (None: a fresh start; an
+    # optimizer whose ``state()`` is None, the default, keeps nothing and starts afresh);
+    # "storage": every ask and tell is written to the storage given to ``create``, apart from the
+    # caller's records, so that after a crash :meth:`untold` lists the points to reconcile.
+    persistence: ClassVar[Persistence] = "state"
+    # A budget below ``trials_per_gene`` × d trials (d: the space's genes) draws a warning at
+    # submission (:meth:`budget_warning`); 0: any budget will do.
+    trials_per_gene: ClassVar[int] = 0
+    budget_note: ClassVar[str] = ""  # why, for that warning: what the optimizer needs
 
     def __init__(self, spec: OptimizerSpec, genes: GeneSet, x0: Mapping[str, float] | None = None):
         if spec.multi_objective and not self.multi_objective:
@@ -159,9 +174,23 @@ class Optimizer(ABC):
         ``None`` where the storage holds it (Optuna)."""
         return None
 
+    def untold(self) -> list[int]:
+        """Ids of points the storage holds as asked and never told. Only a ``"storage"``
+        optimizer has any to report: its storage is written apart from the caller's records,
+        so a crash can fall between the two (a ``"state"`` optimizer is saved with them)."""
+        return []
+
     def progress(self) -> dict[str, Any]:
         """A few numbers for the dashboard (generation, step size, pending points)."""
         return {}
+
+    @classmethod
+    def budget_warning(cls, max_trials: int, dimension: int) -> str | None:
+        """Why ``max_trials`` trials over ``dimension`` genes may be too few, or None."""
+        if cls.trials_per_gene <= 0 or max_trials >= cls.trials_per_gene * dimension:
+            return None
+        return (f"{cls.budget_note}; with d = {dimension} genes, {max_trials} trials may end before it "
+                "converges (a coarser granularity lowers d)")
 
     # ---- for subclasses ------------------------------------------------------------
     @abstractmethod

@@ -115,6 +115,7 @@ class OptunaOptimizer(Optimizer):
     """The ask/tell interface over an Optuna study; subclasses pick the sampler."""
 
     names: ClassVar[tuple[str, ...]] = ()
+    persistence = "storage"  # the Optuna study in the storage given to create()
 
     def __init__(
         self,
@@ -208,6 +209,10 @@ class OptunaOptimizer(Optimizer):
             else:
                 self.study.tell(point_id, values if len(values) > 1 else values[0])
 
+    def untold(self) -> list[int]:
+        """Trials still RUNNING in the Optuna study (asked, never told)."""
+        return [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
     def progress(self) -> dict[str, Any]:
         trials = self.study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
@@ -225,6 +230,8 @@ class OptunaCmaEs(OptunaOptimizer):
 
     names = ("optuna-cmaes",)
     known_options = frozenset({"use_separable_cma", "lr_adapt"})
+    trials_per_gene = 10
+    budget_note = "CMA-ES needs on the order of 10–30 × d evaluations"
 
     def _sampler(self) -> BaseSampler:
         kwargs: dict[str, Any] = {

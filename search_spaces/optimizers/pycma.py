@@ -87,6 +87,9 @@ class PyCma(Optimizer):
 
     names: ClassVar[tuple[str, ...]] = ("cma",)
     known_options = frozenset({"restarts", "max_restarts", "late_results", "incpopsize", "diagonal"})
+    persistence = "state"  # state(): the pickled strategy, saved with every ask and tell
+    trials_per_gene = 10
+    budget_note = "CMA-ES needs on the order of 10–30 × d evaluations"
 
     def __init__(
         self,

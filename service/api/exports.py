@@ -22,14 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from search_spaces.archive_format import MANIFEST, plan_archive
 from service.api.deps import DOWNLOAD, READ, AppState, app_state
 from service.api.ranges import parse_range, range_applies
 from service.api.schemas import ErrorOut, submitted_spec
 from service.api.studies import StudyId, _get_study, refuse_if_unwritable
-from service.archive import plan_archive
 from service.db.models import Artifact, ArtifactState, Event, Study, Trial, TrialState
 from service.db.types import utcnow
-from service.exports import DOWNLOAD_LEASE, EXPORT_KIND, MANIFEST, archive_prefix, read_manifest
+from service.exports import DOWNLOAD_LEASE, EXPORT_KIND, archive_prefix, read_manifest
 
 router = APIRouter(prefix="/studies", tags=["exports"])
 ExportId = Path(ge=1, le=2**62, description="the export's id (from POST /studies/{id}/exports)", examples=[1])

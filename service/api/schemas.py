@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.models import Baseline, Study, StudyStatus, Trial, TrialState
 from service.spec import Problem
+from service.stored_study import StoredStudy
 
 T = TypeVar("T")
 
@@ -54,9 +55,8 @@ class HealthDegradedOut(BaseModel):
 
 
 def submitted_spec(study: Study) -> dict[str, Any]:
-    """The spec as submitted (the API stores ``{"spec": ..., "warnings": ...}``)."""
-    stored = study.spec if isinstance(study.spec, dict) else {}
-    return stored["spec"] if isinstance(stored.get("spec"), dict) else stored
+    """The spec as submitted (the API stores the validated study, service.stored_study)."""
+    return StoredStudy.from_row(study).spec
 
 
 class StudyOut(BaseModel):
@@ -104,8 +104,8 @@ class StudyOut(BaseModel):
 
     @classmethod
     def of(cls, study: Study) -> StudyOut:
-        stored = study.spec if isinstance(study.spec, dict) else {}
-        spec = submitted_spec(study)
+        stored = StoredStudy.from_row(study)
+        spec = stored.spec
         budget = spec.get("budget") or {}
         return cls(
             id=study.id, name=study.name, status=study.status, owner=study.owner,
@@ -114,8 +114,7 @@ class StudyOut(BaseModel):
             max_trials=budget.get("max_trials"), max_seconds=budget.get("max_seconds"),
             elapsed_seconds=study.elapsed_seconds or 0.0, best_trial_number=study.best_trial_number,
             best_value=study.best_value, error=study.error, multi_objective=bool(spec.get("multi_objective")),
-            warnings=list(stored.get("warnings") or []), spec=spec,
-            memory_plan=stored.get("memory_plan") if isinstance(stored.get("memory_plan"), dict) else None,
+            warnings=stored.warnings, spec=spec, memory_plan=stored.memory_plan,
         )
 
 

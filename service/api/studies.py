@@ -2,8 +2,7 @@
 
 The REST layer never talks to workers: it validates and stores a study (status
 ``queued``) and changes statuses; the controller (``service.controller``) does the rest.
-Status changes are conditional UPDATEs (``... WHERE status IN (...)``), so a request
-racing the controller can never move a study along an invalid transition.
+The rows are read and written by :mod:`service.api.study_rows`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
 
 from service.api.deps import READ, WRITE, AppState, app_state
 from service.api.schemas import (
@@ -24,14 +22,21 @@ from service.api.schemas import (
     ProblemsOut,
     StudyOut,
     TrialOut,
-    submitted_spec,
 )
-from service.db.models import Baseline, Event, Study, StudyStatus, Trial, TrialState
-from service.db.types import utcnow
+from service.api.study_rows import (
+    delete_if_idle,
+    get_study_row,
+    multi_objective,
+    store_study,
+    transition,
+)
+from service.db.models import Baseline, Study, StudyStatus, Trial, TrialState
 from service.pareto import pareto_front
 from service.spec import StudySpec, StudyValidationError
+from service.stored_study import StoredStudy
 
 router = APIRouter(prefix="/studies", tags=["studies"])
+_get_study = get_study_row  # the name service.api.exports imports
 
 # text that reaches SQL never holds NUL: PostgreSQL refuses it (a 500 otherwise)
 NO_NUL = r"^[^\x00]*$"
@@ -53,24 +58,6 @@ evaluation:
   options: {task_dirs: ["evomerge:zoo"]}
 budget: {max_trials: 300}
 """
-
-# (from-statuses, to-status, event kind) of each action
-TRANSITIONS: dict[str, tuple[tuple[StudyStatus, ...], StudyStatus, str]] = {
-    "pause": ((StudyStatus.QUEUED, StudyStatus.RUNNING), StudyStatus.PAUSED, "study_paused"),
-    # running: the controller continues it where it stopped (it also opens a running study it
-    # does not hold yet, e.g. after a restart, or one paused before it started)
-    "resume": ((StudyStatus.PAUSED,), StudyStatus.RUNNING, "study_resumed"),
-    # the controller cancels the running trials and then writes its own `study_cancelled`
-    "cancel": ((StudyStatus.QUEUED, StudyStatus.RUNNING, StudyStatus.PAUSED), StudyStatus.CANCELLED,
-               "study_cancel_requested"),
-}
-
-
-def _get_study(session: Session, study_id: str) -> Study:
-    study = session.get(Study, study_id)
-    if study is None:
-        raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
-    return study
 
 
 def status_reason(state: AppState, study_id: str) -> str | None:
@@ -144,19 +131,7 @@ def _create(state: AppState, body: bytes, owner: str) -> StudyOut:
         raise HTTPException(503, str(err), headers={"Retry-After": "15"}) from None
     finally:
         builtin_index_policy.reset(policy)
-    stored = validated.model_dump(mode="json")
-    # the spec as the user wrote it: a default written out (optimizer.seed, optimizer.directions)
-    # would read as the user's own when the controller validates the stored spec again
-    stored["spec"] = validated.spec.model_dump(mode="json", exclude_unset=True)
-    with state.sessions.begin() as session:
-        study = Study(name=validated.spec.name, spec=stored, status=StudyStatus.QUEUED, owner=owner)
-        session.add(study)
-        session.flush()
-        study.optuna_study_name = f"evomerge-{study.id}"
-        session.add(Event(study_id=study.id, kind="study_submitted",
-                          data={"status": "queued", "owner": owner, "name": study.name}))
-        session.flush()
-        return StudyOut.of(study)
+    return store_study(state, validated, owner)
 
 
 @router.post(
@@ -217,7 +192,7 @@ def list_studies(
 @router.get("/{study_id}", response_model=StudyOut, summary="One study", responses={**_E401, **_E404})
 def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ) -> StudyOut:
     with state.sessions() as session:
-        return study_out(state, _get_study(session, study_id))
+        return study_out(state, get_study_row(session, study_id))
 
 
 TrialSort = Literal["number", "-number", "fitness", "-fitness", "finished_at", "-finished_at"]
@@ -239,7 +214,7 @@ def list_trials(
     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1),
 ) -> Page[TrialOut]:
     with state.sessions() as session:
-        _get_study(session, study_id)
+        get_study_row(session, study_id)
         query = select(Trial).where(Trial.study_id == study_id)
         if trial_state is not None:
             query = query.where(Trial.state == trial_state)
@@ -253,7 +228,7 @@ def list_trials(
 def get_trial(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, examples=[1]),
               state: AppState = Depends(app_state), _: str = READ) -> TrialOut:
     with state.sessions() as session:
-        _get_study(session, study_id)
+        get_study_row(session, study_id)
         trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number))
         if trial is None:
             raise HTTPException(404, f"study {study_id!r} has no trial {number} "
@@ -268,8 +243,8 @@ def best_trial(study_id: StudyId, state: AppState = Depends(app_state), _: str =
     """The study's best trial (the controller's pick), else the complete trial of highest fitness.
     A multi-objective study has no single best: GET /studies/{id}/front lists its Pareto front."""
     with state.sessions() as session:
-        study = _get_study(session, study_id)
-        if _multi_objective(study):
+        study = get_study_row(session, study_id)
+        if multi_objective(study):
             raise HTTPException(409, f"study {study_id!r} is multi-objective: its best is a Pareto front, "
                                      f"not one trial; GET /studies/{study_id}/front lists it, then pick a "
                                      f"trial by number")
@@ -294,7 +269,7 @@ def pareto_front_trials(study_id: StudyId, state: AppState = Depends(app_state),
     by number. For a single-objective study: the trial(s) of the highest fitness. Empty while
     no trial is complete."""
     with state.sessions() as session:
-        _get_study(session, study_id)
+        get_study_row(session, study_id)
         rows = list(session.scalars(select(Trial).where(
             Trial.study_id == study_id, Trial.state == TrialState.COMPLETE).order_by(Trial.number)))
         valued = [(t.number, [float(v) for v in t.values])
@@ -314,14 +289,13 @@ def trial_view(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, example
     from service.recipe_view import recipe_view
 
     with state.sessions() as session:
-        study = _get_study(session, study_id)
+        study = get_study_row(session, study_id)
         trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number))
         if trial is None or not trial.recipe:
             raise HTTPException(404, f"study {study_id!r} has no trial {number} with a recipe")
-        stored = study.spec if isinstance(study.spec, dict) else {}
-        names = {m["ref"]: m["given"] for m in stored.get("models") or [] if "ref" in m and "given" in m}
-        num_layers = (stored.get("space_spec") or {}).get("num_layers")
-        return recipe_view(trial.recipe, num_layers=num_layers, names=names)
+        stored = StoredStudy.from_row(study)
+        return recipe_view(trial.recipe, num_layers=stored.space_spec.get("num_layers"),
+                           names=stored.model_names())
 
 
 @router.get("/{study_id}/baselines", response_model=list[BaselineOut],
@@ -332,43 +306,16 @@ def list_baselines(study_id: StudyId, state: AppState = Depends(app_state),
     """Scored by the controller on the study's objectives (and held-out split, if any) so that
     the evolved result can be read against them."""
     with state.sessions() as session:
-        _get_study(session, study_id)
+        get_study_row(session, study_id)
         rows = session.scalars(select(Baseline).where(Baseline.study_id == study_id).order_by(Baseline.id))
         return [BaselineOut.of(b) for b in rows]
 
 
-def _multi_objective(study: Study) -> bool:
-    return bool(submitted_spec(study).get("multi_objective"))
-
-
 # ---- change ------------------------------------------------------------------------------
-def _transition(state: AppState, study_id: str, action: str, who: str) -> StudyOut:
-    sources, target, kind = TRANSITIONS[action]
-    with state.sessions.begin() as session:
-        study = _get_study(session, study_id)
-        before = study.status
-        changed = session.execute(
-            update(Study).where(Study.id == study_id, Study.status.in_(sources))
-            .values(status=target, updated_at=utcnow()).execution_options(synchronize_session=False)
-        ).rowcount
-        if not changed:  # read again, never refresh: a racing DELETE may have removed the row
-            now = session.scalar(select(Study.status).where(Study.id == study_id))
-            if now is None:
-                raise HTTPException(404, f"no study {study_id!r}: it was deleted just now")
-            allowed = " or ".join(s.value for s in sources)
-            raise HTTPException(409, f"cannot {action} study {study_id!r}: it is {now.value} "
-                                     f"(only a {allowed} study can be {action}d)")
-        session.add(Event(study_id=study_id, kind=kind, data={"status": target.value, "from": before.value,
-                                                                "by": who}))
-        session.flush()
-        session.refresh(study)
-        return StudyOut.of(study)
-
-
 def _action_route(action: str, summary: str, doc: str) -> None:
     def route(study_id: StudyId, state: AppState = Depends(app_state),
               who: str = WRITE) -> StudyOut:
-        return _transition(state, study_id, action, who)
+        return transition(state, study_id, action, who)
 
     route.__doc__ = doc
     route.__name__ = f"{action}_study"
@@ -383,7 +330,6 @@ _action_route("cancel", "Cancel a study",
               "Queued, running or paused → cancelled (final). Trials so far stay.")
 
 
-FINAL = (StudyStatus.COMPLETED, StudyStatus.FAILED, StudyStatus.CANCELLED)
 DELETE_WAIT_S = 5.0  # how long a delete waits for the controller to stop a cancelled study's trials
 DELETE_POLL_S = 0.2
 
@@ -403,7 +349,7 @@ def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str
     gone) does not hold the delete back."""
     deadline = time.monotonic() + DELETE_WAIT_S
     while True:
-        running = _delete_if_idle(state, study_id)
+        running = delete_if_idle(state, study_id)
         if running == 0:
             return
         if time.monotonic() >= deadline:
@@ -413,31 +359,3 @@ def delete_study(study_id: StudyId, state: AppState = Depends(app_state), _: str
                                      "once its lease, EVOMERGE_LEASE_SECONDS, expires)",
                                 headers={"Retry-After": "5"})
         time.sleep(DELETE_POLL_S)
-
-
-def _delete_if_idle(state: AppState, study_id: str) -> int:
-    """Delete the study if it is final and none of its trials runs: 0; else how many run.
-    One conditional DELETE after locking the study's row (PostgreSQL: no trial of it can be
-    inserted meanwhile; SQLite: the statement is atomic)."""
-    with state.sessions.begin() as session:
-        status = session.scalar(select(Study.status).where(Study.id == study_id).with_for_update())
-        if status is None:
-            raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
-        if status not in FINAL:
-            raise HTTPException(409, f"study {study_id!r} is {status.value}: cancel it first "
-                                     f"(POST /studies/{study_id}/cancel), then delete it")
-        busy = _running_trials(study_id)
-        gone = session.execute(
-            delete(Study).where(Study.id == study_id, Study.status.in_(FINAL), ~busy.exists())
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if gone:
-            return 0
-        return int(session.scalar(select(func.count()).select_from(busy.subquery())) or 0) or 1
-
-
-def _running_trials(study_id: str) -> Any:
-    """The study's trials that still run on a worker (a live lease: a NULL lease counts as live)."""
-    return select(Trial.id).where(
-        Trial.study_id == study_id, Trial.state == TrialState.RUNNING,
-        or_(Trial.lease_expires_at.is_(None), Trial.lease_expires_at > utcnow()))

@@ -1,68 +1,24 @@
 """The merge-method interface.
 
-A method declares its parameters (global ones, and per-model ones) and merges one
-tensor at a time from a :class:`MergeInputs`. Everything else — which tensors exist,
-which parameter value applies to which tensor, reading and writing — is the engine's.
+A method's facts — its parameters (global ones, and per-model ones), whether it needs a
+base, whether it is random or chunked — are its torch-free declaration's
+(``search_spaces.merge_methods``); its class here merges one tensor at a time from a
+:class:`MergeInputs`. Everything else — which tensors exist, which parameter value
+applies to which tensor, reading and writing — is the engine's.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-REQUIRED = object()
+# Torch-free, shared with the API process: re-exported so that imports from here work.
+from search_spaces.method_declaration import REQUIRED, MergeError, MethodDeclaration, ParamSpec
 
-
-class MergeError(ValueError):
-    """A merge cannot proceed; the message names the model, tensor and parameter."""
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A declared parameter: its type, default, valid range and meaning."""
-
-    name: str
-    kind: type
-    default: Any = REQUIRED
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] | None = None
-    help: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-    def check(self, value: Any, where: str) -> Any:
-        """Coerce and validate one resolved value; ``where`` names model and tensor."""
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise MergeError(f"parameter {self.name!r} {where}: expected true/false, got {value!r}")
-            return value
-        if self.kind is str:
-            if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise MergeError(
-                    f"parameter {self.name!r} {where}: {value!r} is not one of {list(self.choices or [])}"
-                )
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MergeError(f"parameter {self.name!r} {where}: expected a number, got {value!r}")
-        value = self.kind(value)
-        if not math.isfinite(value):
-            raise MergeError(f"parameter {self.name!r} {where}: {value} is not a finite number")
-        if self.minimum is not None and value < self.minimum:
-            raise MergeError(
-                f"parameter {self.name!r} {where}: {value} is below the minimum {self.minimum}"
-            )
-        if self.maximum is not None and value > self.maximum:
-            raise MergeError(
-                f"parameter {self.name!r} {where}: {value} is above the maximum {self.maximum}"
-            )
-        return value
+V = TypeVar("V")
 
 
 @dataclass
@@ -110,28 +66,41 @@ def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
     return g
 
 
-class MergeMethod(ABC):
-    """One merge method. Subclasses set the class attributes and implement ``merge``."""
+class _Declared(Generic[V]):
+    """A method's fact, read from its class's ``declaration`` (never written on the class)."""
 
-    name: ClassVar[str]
-    description: ClassVar[str] = ""
-    reference: ClassVar[str] = ""
-    needs_base: ClassVar[bool] = True
-    base_is_input: ClassVar[bool] = False  # linear: the base, if listed, is an ordinary input
-    min_models: ClassVar[int] = 1  # non-base inputs
-    max_models: ClassVar[int | None] = None
-    is_random: ClassVar[bool] = False
-    # True when the output at each entry depends only on the inputs at that entry and on
-    # per-tensor facts that ``prepare`` finds first: the engine then merges the tensor a
-    # block of rows at a time, in a small float32 workspace (workers.tensor_merge).
-    chunked: ClassVar[bool] = False
-    # True when each chunk is one fused kernel (workers.kernels) whose temporaries stay in
-    # registers: such a method takes big chunks (CHUNK_ELEMENTS); one that computes a chunk
-    # eagerly (random draws, row ranks, residual scales) takes chunks that its float32
-    # temporaries keep in the CPU's cache (EAGER_CHUNK_ELEMENTS)
-    fused: ClassVar[bool] = False
-    global_params: ClassVar[tuple[ParamSpec, ...]] = ()
-    model_params: ClassVar[tuple[ParamSpec, ...]] = ()
+    def __init__(self, field_name: str) -> None:
+        self.field_name = field_name
+
+    def __get__(self, obj: object, owner: type) -> V:
+        declaration = getattr(owner, "declaration", None)
+        if declaration is None:
+            raise AttributeError(f"{owner.__qualname__} has no declaration: decorate it with "
+                                 "@workers.methods.implements(name)")
+        return getattr(declaration, self.field_name)
+
+
+class MergeMethod(ABC):
+    """One merge method's arithmetic. Its facts (name, parameters, whether it needs a
+    base, is random, chunked, fused…) are its :class:`MethodDeclaration`'s, bound by
+    ``@workers.methods.implements(name)``; subclasses implement ``merge`` (and, when
+    chunked, may implement ``prepare`` and ``merge_chunk``)."""
+
+    declaration: ClassVar[MethodDeclaration | None] = None
+    name: _Declared[str] = _Declared("name")
+    description: _Declared[str] = _Declared("description")
+    reference: _Declared[str] = _Declared("reference")
+    needs_base: _Declared[bool] = _Declared("needs_base")
+    base_is_input: _Declared[bool] = _Declared("base_is_input")
+    min_models: _Declared[int] = _Declared("min_models")  # non-base inputs
+    max_models: _Declared[int | None] = _Declared("max_models")
+    is_random: _Declared[bool] = _Declared("random")
+    # merged a block of rows at a time (workers.tensor_merge), see MethodDeclaration.chunked
+    chunked: _Declared[bool] = _Declared("chunked")
+    # one fused kernel per chunk: big chunks (CHUNK_ELEMENTS), else EAGER_CHUNK_ELEMENTS
+    fused: _Declared[bool] = _Declared("fused")
+    global_params: _Declared[tuple[ParamSpec, ...]] = _Declared("global_params")
+    model_params: _Declared[tuple[ParamSpec, ...]] = _Declared("model_params")
 
     @abstractmethod
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
@@ -157,24 +126,9 @@ class MergeMethod(ABC):
         return None
 
     def describe(self) -> dict[str, Any]:
-        def spec(p: ParamSpec) -> dict[str, Any]:
-            return {
-                "name": p.name,
-                "type": p.kind.__name__,
-                "default": None if p.required else p.default,
-                "required": p.required,
-                "range": [p.minimum, p.maximum],
-                "help": p.help,
-            }
+        assert self.declaration is not None
+        return self.declaration.describe()
 
-        return {
-            "name": self.name,
-            "description": self.description,
-            "reference": self.reference,
-            "needs_base": self.needs_base,
-            "random": self.is_random,
-            "chunked": self.chunked,
-            "global": [spec(p) for p in self.global_params],
-            "per_model": [spec(p) for p in self.model_params],
-        }
 
+__all__ = ["REQUIRED", "MergeError", "MergeInputs", "MergeMethod", "MethodDeclaration", "ParamSpec",
+           "tensor_generator"]

@@ -5,21 +5,12 @@ from __future__ import annotations
 import torch
 
 from workers.kernels import kernel, linear_kernel
-from workers.methods import register
-from workers.methods.base import MergeError, MergeInputs, MergeMethod, ParamSpec
+from workers.methods import implements
+from workers.methods.base import MergeError, MergeInputs, MergeMethod
 
 
-@register
+@implements("linear")
 class Linear(MergeMethod):
-    name = "linear"
-    description = "sum(weight_i * model_i) / sum(weight_i)"
-    reference = "https://arxiv.org/abs/2203.05482"
-    needs_base = False
-    base_is_input = True
-    global_params = (ParamSpec("normalize", bool, True, help="divide by the summed weights"),)
-    model_params = (ParamSpec("weight", float, help="this model's weight"),)
-    chunked = True
-    fused = True
 
     def _divisor(self, name: str, weights: list[float], normalize: bool) -> float:
         if not normalize:

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from workers.methods import register
-from workers.methods.base import MergeInputs, MergeMethod, ParamSpec
+from workers.methods import implements
+from workers.methods.base import MergeInputs, MergeMethod
 
 
-@register
+@implements("model_stock")
 class ModelStock(MergeMethod):
-    name = "model_stock"
-    description = "t * mean(models) + (1 - t) * base, t = k cos / (1 + (k - 1) cos)"
-    reference = "https://arxiv.org/abs/2403.19522"
-    min_models = 2
-    global_params = (
-        ParamSpec("filter_wise", bool, False, help="one ratio per output row, not per tensor"),
-    )
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         base = inputs.base

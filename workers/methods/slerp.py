@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.methods import register
-from workers.methods.base import MergeInputs, MergeMethod, ParamSpec
+from workers.methods import implements
+from workers.methods.base import MergeInputs, MergeMethod
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9995,
@@ -24,14 +24,8 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9
     return (torch.sin((1 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
 
 
-@register
+@implements("slerp")
 class Slerp(MergeMethod):
-    name = "slerp"
-    description = "spherical linear interpolation from the base (t=0) to the other model (t=1)"
-    reference = "https://en.wikipedia.org/wiki/Slerp"
-    min_models = 1
-    max_models = 1
-    global_params = (ParamSpec("t", float, minimum=0.0, maximum=1.0, help="interpolation factor"),)
 
     def merge(self, inputs: MergeInputs) -> torch.Tensor:
         assert inputs.base is not None

@@ -3,7 +3,8 @@
 All share one shape: per input, a task vector ``delta = model - base``, optionally
 sparsified; weighted; optionally combined under a sign consensus (TIES); summed,
 optionally normalised by the summed weights of what was kept; scaled by ``lambda``;
-added to the base. The defaults of each variant follow mergekit's.
+added to the base. Each variant's parameters and defaults (mergekit's) are in its
+declaration (``search_spaces.merge_methods``); here is how it sparsifies and combines.
 """
 
 from __future__ import annotations
@@ -16,39 +17,15 @@ import torch
 
 from workers import sparsify
 from workers.kernels import kernel
-from workers.methods import register
-from workers.methods.base import MergeError, MergeInputs, MergeMethod, ParamSpec
+from workers.methods import implements
+from workers.methods.base import MergeError, MergeInputs, MergeMethod
 from workers.sparsify import Sparsifier
 from workers.tensor_merge import ChunkOut, TensorInputs
-
-WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector")
-DENSITY = ParamSpec("density", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
-GAMMA = ParamSpec("gamma", float, 0.01, 0.0, 1.0, help="share of largest entries dropped")
-EPSILON = ParamSpec("epsilon", float, 0.15, 0.0, 0.5, help="spread of keep probabilities")
-
-
-def _shared(normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
-    return (
-        ParamSpec("normalize", bool, normalize, help="divide by the summed weights"),
-        ParamSpec("rescale", bool, rescale, help="restore the mass that sparsification drops"),
-        ParamSpec(
-            "rescale_mode",
-            str,
-            "l1",
-            choices=sparsify.RESCALE_MODES,
-            help="l1: match the L1 norm (mergekit); inverse_density: divide by the keep "
-            "probability (the DARE / DELLA papers)",
-        ),
-        ParamSpec("lambda", float, 1.0, help="scale of the combined task vector"),
-        ParamSpec("int8_mask", bool, False, help="accepted for mergekit compatibility"),
-    )
 
 
 class TaskVectorMethod(MergeMethod):
     sparsification: ClassVar[str | None] = None  # magnitude | random | outliers | della
     consensus: ClassVar[str | None] = None  # "sum" (TIES) | "count"
-    chunked = True
-    fused = True  # the random methods (is_random) set it False: their masks are drawn eagerly
 
     def prepare(self, inputs: TensorInputs, ws: sparsify.Workspace) -> list[Sparsifier]:
         """How each input's task vector is sparsified in this tensor: trimming windows
@@ -172,92 +149,45 @@ def _whole(inputs: MergeInputs) -> TensorInputs:
     )
 
 
-@register
+@implements("task_arithmetic")
 class TaskArithmetic(TaskVectorMethod):
-    name = "task_arithmetic"
-    description = "base + lambda * sum(weight_i * (model_i - base))"
-    reference = "https://arxiv.org/abs/2212.04089"
-    global_params = _shared(normalize=False, rescale=False)
-    model_params = (WEIGHT,)
+    """No sparsification, no sign election."""
 
 
-@register
+@implements("ties")
 class Ties(TaskVectorMethod):
-    name = "ties"
-    description = "trim each task vector by magnitude, elect signs, average the agreeing part"
-    reference = "https://arxiv.org/abs/2306.01708"
     sparsification = "magnitude"
     consensus = "sum"
-    global_params = _shared(normalize=True, rescale=False)
-    model_params = (WEIGHT, DENSITY)
 
 
-@register
+@implements("dare_ties")
 class DareTies(TaskVectorMethod):
-    name = "dare_ties"
-    description = "drop task-vector entries at random (seeded), rescale, TIES sign election"
-    reference = "https://arxiv.org/abs/2311.03099"
     sparsification = "random"
     consensus = "sum"
-    is_random = True
-    fused = False
-    global_params = _shared(normalize=False, rescale=True)
-    model_params = (WEIGHT, DENSITY)
 
 
-@register
+@implements("dare_linear")
 class DareLinear(TaskVectorMethod):
-    name = "dare_linear"
-    description = "drop task-vector entries at random (seeded), rescale, add"
-    reference = "https://arxiv.org/abs/2311.03099"
     sparsification = "random"
-    is_random = True
-    fused = False
-    global_params = _shared(normalize=False, rescale=True)
-    model_params = (WEIGHT, DENSITY)
 
 
-@register
+@implements("breadcrumbs")
 class Breadcrumbs(TaskVectorMethod):
-    name = "breadcrumbs"
-    description = "drop the largest (gamma) and smallest task-vector entries, add"
-    reference = "https://arxiv.org/abs/2312.06795"
     sparsification = "outliers"
-    global_params = _shared(normalize=False, rescale=False)
-    model_params = (WEIGHT, DENSITY, GAMMA)
 
 
-@register
+@implements("breadcrumbs_ties")
 class BreadcrumbsTies(TaskVectorMethod):
-    name = "breadcrumbs_ties"
-    description = "Model Breadcrumbs with TIES sign election"
-    reference = "https://arxiv.org/abs/2312.06795"
     sparsification = "outliers"
     consensus = "sum"
-    global_params = _shared(normalize=False, rescale=False)
-    model_params = (WEIGHT, DENSITY, GAMMA)
 
 
-@register
+@implements("della")
 class Della(TaskVectorMethod):
-    name = "della"
-    description = "magnitude-ranked random drop (seeded), rescale, TIES sign election"
-    reference = "https://arxiv.org/abs/2406.11617"
     sparsification = "della"
     consensus = "sum"
-    is_random = True
-    fused = False
-    global_params = _shared(normalize=True, rescale=True)
-    model_params = (WEIGHT, DENSITY, EPSILON)
 
 
-@register
+@implements("della_linear")
 class DellaLinear(TaskVectorMethod):
-    name = "della_linear"
-    description = "magnitude-ranked random drop (seeded), rescale, add"
-    reference = "https://arxiv.org/abs/2406.11617"
     sparsification = "della"
-    is_random = True
-    fused = False
-    global_params = _shared(normalize=False, rescale=True)
-    model_params = (WEIGHT, DENSITY, EPSILON)

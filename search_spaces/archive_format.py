@@ -13,7 +13,9 @@ zero blocks end the archive. Because every byte's position is known in advance, 
 The headers are written here rather than with ``tarfile`` so that the bytes (and the
 sha256 recorded when an export is made) do not change with the Python version.
 
-Stdlib only: the API process imports this module and must never load torch.
+Stdlib only, and shared: the worker that makes an export records the archive's sha256
+and size (``workers.export``), the API serves the same bytes (``service.api.exports``).
+Both also agree here on the name of the export folder's manifest, :data:`MANIFEST`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+MANIFEST = "evomerge_export.json"
+"""The export folder's manifest: written last (its presence marks the folder complete),
+never part of the archive."""
 
 BLOCK = 512
 _MAX_OCTAL_SIZE = 8**11 - 1  # the largest size an 11-digit octal field holds
@@ -196,7 +202,7 @@ def _check_prefix(prefix: str) -> str:
 
 
 def plan_archive(folder: Path, prefix: str,
-                 exclude: set[str] | frozenset[str] = frozenset({"evomerge_export.json"})) -> ArchivePlan:
+                 exclude: set[str] | frozenset[str] = frozenset({MANIFEST})) -> ArchivePlan:
     """Plan the virtual tar of ``folder``: every regular file but those whose relative
     path is in ``exclude``, stored under ``prefix/``."""
     folder = Path(folder)

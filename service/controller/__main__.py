@@ -1,0 +1,5 @@
+"""``python -m service.controller [--database-url URL] [--exit-when-idle]``."""
+
+from service.controller.standalone import main
+
+raise SystemExit(main())
