@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from search_spaces.base import RecipeNotInSpace, SearchSpace, SpaceSpecBase
+from search_spaces.base import RecipeNotInSpace, ResolvedSource, SearchSpace, SpaceProblem, SpaceSpecBase
 from search_spaces.genes import Gene, Transform
 from search_spaces.recipe import Recipe, Slice, SliceSource
 from search_spaces.registry import register_space
@@ -36,6 +36,15 @@ MAX_LAYERS = 100_000
 MAX_REPEATS = 16
 MAX_SCALE = 1000.0
 MAX_STACK_SOURCES = 64
+_LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS)]
+
+
+def _check_layer_ranges(value: Any) -> Any:
+    """A study form's ``layer_ranges``: each ``[start, end)`` non-empty (end exclusive)."""
+    for r in value or []:
+        if r is not None and not 0 <= r[0] < r[1]:
+            raise ValueError(f"layer range {list(r)} must satisfy 0 <= start < end (end exclusive)")
+    return value
 INCLUDED, EXCLUDED = 0.75, 0.25  # what encode writes for a slot's include / priority gene
 
 
@@ -141,7 +150,48 @@ class LayerStackingSpace(SearchSpace):
     kind = "stacking"
     spec_class = StackingSpaceSpec
     derived_fields = ("sources", "base_model")
+    compatibility = "layers"  # sources of one architecture and width; layer counts may differ
+    task_vector_base = False  # the base only lends embeddings, final norm and head
+    keeps_source_shapes = False  # the depth changes: a study built on a trial needs its export
+    recipe_view = "stacking"
+    base_may_be_source = True
+    form_fields: ClassVar[dict[str, tuple[Any, Any]]] = {"layer_ranges": (
+        Annotated[Union[list[Union[tuple[_LayerIndex, _LayerIndex], None]], None],
+                  AfterValidator(_check_layer_ranges)],
+        Field(default=None, max_length=MAX_STACK_SOURCES,
+              description="one entry per source: [start, end) of the layers it contributes, or null "
+              "for all of them"),
+    )}
+
+    @classmethod
+    def derive(cls, data: dict[str, Any], form: Any, sources: list[ResolvedSource],
+               base: ResolvedSource | None) -> dict[str, Any]:
+        """Each source with its layer count and the user's layer range (``layer_ranges``)."""
+        ranges = getattr(form, "layer_ranges", None)
+        if ranges is not None and len(ranges) != len(sources):
+            raise SpaceProblem(["space", "layer_ranges"],
+                               f"layer_ranges has {len(ranges)} entries for {len(sources)} sources",
+                               "give one entry per source, in the order of sources (null: all its layers)",
+                               "layer_ranges_mismatch")
+        data.update(
+            sources=[{"model": m.spec_ref, "num_layers": m.num_layers,
+                      "layer_range": ranges[i] if ranges else None} for i, m in enumerate(sources)],
+            base_model=base.spec_ref if base else None,
+        )
+        return data
     spec: StackingSpaceSpec
+
+    @classmethod
+    def example_spec(cls, models: list[str], num_layers: int) -> dict[str, Any]:
+        """Every layer of each model, twice, with a scale per slot."""
+        return {"kind": cls.kind, "base_model": models[0], "repeats": 2,
+                "sources": [{"model": m, "num_layers": num_layers} for m in models]}
+
+    def merge_method(self) -> str:
+        return "passthrough"
+
+    def stacked_layers(self) -> int | None:
+        return self.spec.depth_bounds[1]
 
     def slots(self) -> list[Slot]:
         out: list[Slot] = []

@@ -12,6 +12,7 @@ so what is drawn is what was merged. Torch-free: the API imports this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from search_spaces.recipe import Recipe, resolve_setting
@@ -98,11 +99,27 @@ def stacking_view(recipe: Recipe, names: dict[str, str] | None = None) -> dict[s
             "path": path}
 
 
+# The views by name (``SearchSpace.recipe_view``): each takes (recipe, num_layers, names).
+VIEWS: dict[str, Callable[[Recipe, int, dict[str, str] | None], dict[str, Any]]] = {
+    "parameter": lambda r, n, names: parameter_view(r, n, names),
+    "stacking": lambda r, n, names: stacking_view(r, names),
+}
+
+
+def _declared_view(kind: str | None) -> str | None:
+    """The view the space of ``kind`` declares (None: unknown kind, or none declared)."""
+    if kind is None:
+        return None
+    from search_spaces.registry import SPACES
+
+    return SPACES.get(kind).recipe_view if kind in SPACES else None
+
+
 def recipe_view(recipe: dict[str, Any] | Recipe, *, num_layers: int | None = None,
-                names: dict[str, str] | None = None) -> dict[str, Any]:
+                names: dict[str, str] | None = None, kind: str | None = None) -> dict[str, Any]:
     """The readable form of ``recipe`` (``num_layers``: of the merged model, for a ``models``
-    recipe; ``names``: model reference → the name the user gave it)."""
+    recipe; ``names``: model reference → the name the user gave it; ``kind``: the study's space
+    kind, whose declared ``recipe_view`` picks the view, else the recipe's shape does)."""
     r = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
-    if r.slices:
-        return stacking_view(r, names)
-    return parameter_view(r, num_layers or 1, names)
+    view = _declared_view(kind) or ("stacking" if r.slices else "parameter")
+    return VIEWS[view](r, num_layers or 1, names)

@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from service.stored_study import StoredStudy
 from service.validation import ValidatedStudy, validate_study
 
 if TYPE_CHECKING:
     from search_spaces.base import SearchSpace
+    from search_spaces.recipe import Recipe
     from service.controller.optimizer_store import OptimizerStore
     from service.settings import Settings
     from service.spec import StudySpec
+    from workers.trial import WorkerSpec
 
 
 @dataclass
@@ -53,17 +55,28 @@ class StudyRuntime:
     heldout: HeldoutRun | None = None
     baselines: list[tuple[int, Any]] = field(default_factory=list)  # (baseline id, recipe) to dispatch
     paths: dict[str, str] = field(default_factory=dict)  # other studies' models: placeholder -> folder
+    paused: bool = False
+    last_saved: float = field(default_factory=time.monotonic)
+    worker: WorkerSpec | None = None  # the search workers' spec, validated once (the scheduler's)
 
-    def resolve(self, recipe: dict[str, Any]) -> dict[str, Any]:
-        """A recipe with other studies' placeholders replaced by their export folders."""
+    @overload
+    def resolve(self, recipe: Recipe) -> Recipe: ...
+    @overload
+    def resolve(self, recipe: dict[str, Any]) -> dict[str, Any]: ...
+
+    def resolve(self, recipe: Recipe | dict[str, Any]) -> Recipe | dict[str, Any]:
+        """A recipe with other studies' placeholders replaced by their export folders.
+
+        A :class:`Recipe` stays an object (a trial's recipe, straight from the space's ``decode``);
+        the JSON form (a baseline's, service.baselines) comes back as JSON."""
         if not self.paths:
             return recipe
         from search_spaces.recipe import Recipe
         from search_spaces.sources import resolve_sources
 
+        if isinstance(recipe, Recipe):
+            return resolve_sources(recipe, self.paths)
         return resolve_sources(Recipe.model_validate(recipe), self.paths).model_dump(mode="json")
-    paused: bool = False
-    last_saved: float = field(default_factory=time.monotonic)
 
     @property
     def spec(self) -> StudySpec:
@@ -117,6 +130,16 @@ def worker_spec_data(validated: ValidatedStudy, settings: Settings, *,
     data["threads"] = settings.worker_threads
     data["device"] = "cuda" if settings.worker_num_gpus > 0 else "cpu"
     return data
+
+
+def build_worker_spec(validated: ValidatedStudy, settings: Settings, *,
+                heldout: bool = False, paths: dict[str, str] | None = None) -> WorkerSpec:
+    """:func:`worker_spec_data` as a ``workers.trial.WorkerSpec``: the one validation of a
+    pool's spec. The object is what crosses to the actors (Ray pickles it; they do not
+    validate it again)."""
+    from workers.trial import WorkerSpec
+
+    return WorkerSpec.model_validate(worker_spec_data(validated, settings, heldout=heldout, paths=paths))
 
 
 def pool_key(worker_spec: dict[str, Any]) -> str:

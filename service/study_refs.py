@@ -4,7 +4,8 @@ merge a parameter-space study found).
 A spec names such a source as ``{study: <id>, trial: best | <n>}``. At submission the
 API checks that the trial exists and is complete, and validates the new study against a
 folder with the same shapes (the trial's export when there is one, else — for a
-parameter-space study, whose merges keep their sources' shapes — its first source).
+space that declares its merges keep their sources' shapes, as a parameter space does — its
+first source).
 The controller starts the new study only once that trial is exported (it asks for the
 export itself), and from then on every recipe and worker names the export's folder.
 """
@@ -50,6 +51,14 @@ def _ready_export(session: Session, study_id: str, number: int) -> Artifact | No
         Artifact.state == ArtifactState.READY).order_by(Artifact.id.desc()).limit(1))
 
 
+def _keeps_source_shapes(kind: Any) -> bool:
+    """Whether the space of ``kind`` merges to models with their sources' shapes
+    (``SearchSpace.keeps_source_shapes``); False for a kind no longer registered."""
+    from search_spaces.registry import SPACES
+
+    return isinstance(kind, str) and kind in SPACES and SPACES.get(kind).keeps_source_shapes
+
+
 def submission_folder(session: Session, ref: StudyRef) -> Path:
     """A folder whose headers stand for the model ``ref`` names (for validation at submission)."""
     study, trial = referenced_trial(session, ref)
@@ -58,8 +67,8 @@ def submission_folder(session: Session, ref: StudyRef) -> Path:
         return Path(export.path)
     stored = StoredStudy.from_row(study)
     paths = [m.path for m in stored.models if m.path]
-    if stored.space_spec.get("kind") == "parameter" and paths:
-        return Path(paths[0])  # a parameter-space merge keeps its sources' shapes
+    if paths and _keeps_source_shapes(stored.space_spec.get("kind")):
+        return Path(paths[0])  # e.g. a parameter-space merge: its sources stand for it
     raise LookupError(f"the model of trial {trial.number} of study {ref.study!r} has to be exported first "
                       f"(POST /studies/{ref.study}/exports {{\"trial\": {trial.number}}})")
 

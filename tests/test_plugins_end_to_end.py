@@ -12,6 +12,7 @@ code (:class:`workers.trial.TrialRunner`). Tiny Llama family, SQLite.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -56,12 +57,12 @@ TRIALS = 5
 class InProcessPool:
     """``workers.pool.WorkerPool``'s interface over one :class:`TrialRunner` in this process.
 
-    A submitted trial runs at the next ``wait()``. The worker spec and each result cross the same
-    JSON boundary that Ray's actors use, so that what the controller hands over and gets back is
-    what a real worker would see."""
+    A submitted trial runs at the next ``wait()``. The worker spec, each recipe and each result
+    are pickled and unpickled, as Ray's actors receive and return them, so that what the
+    controller hands over and gets back is what a real worker would see."""
 
     def __init__(self, spec: WorkerSpec, n: int) -> None:
-        self.runner = TrialRunner(spec.model_dump(mode="json"))
+        self.runner = TrialRunner(pickle.loads(pickle.dumps(spec)))
         self.slots = [None] * n
         self.running: dict[int, tuple[dict[str, Any], int]] = {}  # trial id -> (recipe, attempt)
 
@@ -74,15 +75,13 @@ class InProcessPool:
     def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None) -> None:
         if not self.idle():
             raise RuntimeError("no idle worker: call idle() before submit()")
-        data = recipe if isinstance(recipe, dict) else recipe.model_dump(mode="json")
-        self.running[trial_id] = (json.loads(json.dumps(data)), attempt)
+        self.running[trial_id] = (pickle.loads(pickle.dumps(recipe)), attempt)
 
     def wait(self, timeout: float | None = None) -> list[Any]:
-        from workers.trial import TrialResult
 
         results = []
         for trial_id, (recipe, attempt) in list(self.running.items()):
-            result = TrialResult.model_validate(self.runner.run(trial_id, recipe).model_dump())
+            result = pickle.loads(pickle.dumps(self.runner.run(trial_id, recipe)))
             result.attempts = attempt
             results.append(result)
         self.running.clear()

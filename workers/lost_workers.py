@@ -66,7 +66,7 @@ class Slot:
 @dataclass
 class Running:
     trial_id: int
-    recipe: dict[str, Any]
+    recipe: Any  # a search_spaces.recipe.Recipe, or its JSON (a row read back)
     attempt: int
     timeout_s: float | None = None
     slot: Any = None  # Slot, set at dispatch

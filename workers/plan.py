@@ -17,6 +17,7 @@ from workers import methods, params
 from workers.architecture import ModelLayout, find_layout, layer_count_keys
 from workers.methods.base import MergeError, MergeMethod
 from workers.model_io import LazyModel, dtype_from_name, tensor_nbytes
+from workers.plan_params import check_input_count, check_known_params, resolve_tensor_params
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,33 @@ class MergePlan:
     tied_head: bool = False
 
 
+def dominant_dtype(model: LazyModel) -> torch.dtype:
+    """The floating dtype that holds most of a model's bytes (float32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for info in model.tensors.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def check_slice_sources(sl: Slice, layouts: dict[str, ModelLayout]) -> None:
+    """Every source of a slice has the layers it names, laid out like the first source's."""
+    ref0 = sl.sources[0].model
+    suffixes = layouts[ref0].layer_suffixes
+    for src in sl.sources:
+        lay = layouts[src.model]
+        if src.layer_range[1] > lay.num_layers:
+            raise MergeError(
+                f"slice source {src.model!r}: layer_range {list(src.layer_range)} goes "
+                f"past its {lay.num_layers} layers"
+            )
+        if lay.layer_suffixes != suffixes:
+            raise MergeError(
+                f"models {ref0!r} and {src.model!r} have different layer structures "
+                "and cannot be merged layer by layer"
+            )
+
+
 class Planner:
     """Builds a :class:`MergePlan` from a recipe."""
 
@@ -94,65 +122,10 @@ class Planner:
             "architecture (check that every model is of the same family and size)"
         )
 
-    # ---- parameters --------------------------------------------------------------
-    def _check_params(
-        self, scopes_by_input: list[list[dict | None]], global_scopes: list[dict | None],
-        tensor: str, pos: Fraction, input_names: list[str],
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        g: dict[str, Any] = {}
-        for spec in self.method.global_params:
-            value = params.resolve(spec.name, global_scopes, tensor, pos)
-            if value is None:
-                if spec.required:
-                    raise MergeError(
-                        f"{self.method.name}: global parameter {spec.name!r} is missing "
-                        f"(tensor {tensor}); add it under 'parameters:'"
-                    )
-                value = spec.default
-            g[spec.name] = spec.check(value, f"at tensor {tensor}")
-        per_model = []
-        for scopes, ref in zip(scopes_by_input, input_names):
-            p: dict[str, Any] = {}
-            for spec in self.method.model_params:
-                value = params.resolve(spec.name, scopes, tensor, pos)
-                if value is None:
-                    if spec.required:
-                        raise MergeError(
-                            f"{self.method.name}: parameter {spec.name!r} is missing for model "
-                            f"{ref!r} (tensor {tensor}); add it to that model's 'parameters:'"
-                        )
-                    value = spec.default
-                p[spec.name] = spec.check(value, f"of model {ref!r} at tensor {tensor}")
-            per_model.append(p)
-        return per_model, g
-
-    def _check_known_params(self) -> None:
-        known = {p.name for p in self.method.global_params} | {
-            p.name for p in self.method.model_params
-        }
-        scopes: list[tuple[str, dict]] = [("parameters", self.recipe.parameters)]
-        for entry in self.recipe.models or []:
-            scopes.append((f"model {entry.model!r}", entry.parameters))
-        for i, sl in enumerate(self.recipe.slices or []):
-            scopes.append((f"slice {i}", sl.parameters))
-            for src in sl.sources:
-                scopes.append((f"slice {i} source {src.model!r}", src.parameters))
-        for where, scope in scopes:
-            for key in scope:
-                if key not in known:
-                    import difflib
-
-                    close = difflib.get_close_matches(key, known, n=2)
-                    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                    raise MergeError(
-                        f"{self.method.name} has no parameter {key!r} ({where}){hint}; "
-                        f"it takes: {', '.join(sorted(known)) or 'none'}"
-                    )
-
     # ---- plan --------------------------------------------------------------------
     def plan(self) -> MergePlan:
         recipe, method = self.recipe, self.method
-        self._check_known_params()
+        check_known_params(method, recipe)
         for ref in recipe.referenced_models():
             self._load(ref)
         slices = self._slices()
@@ -168,7 +141,7 @@ class Planner:
         read_dtype = dtype_from_name(recipe.dtype)
         first_ref = base_ref or slices[0].sources[0].model
         if out_dtype is None:
-            out_dtype = self._dominant_dtype(first_ref)
+            out_dtype = dominant_dtype(self.models[first_ref])
 
         tasks: list[TensorTask] = []
         origins: list[tuple[str, int]] = []
@@ -181,41 +154,7 @@ class Planner:
             tasks.append(self._task(name, name, first_sources, slices[0], None, Fraction(0)))
         out_layer = 0
         for sl in slices:
-            length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
-            ref0 = sl.sources[0].model
-            suffixes = self.layouts[ref0].layer_suffixes
-            for src in sl.sources:
-                lay = self.layouts[src.model]
-                if src.layer_range[1] > lay.num_layers:
-                    raise MergeError(
-                        f"slice source {src.model!r}: layer_range {list(src.layer_range)} goes "
-                        f"past its {lay.num_layers} layers"
-                    )
-                if lay.layer_suffixes != suffixes:
-                    raise MergeError(
-                        f"models {ref0!r} and {src.model!r} have different layer structures "
-                        "and cannot be merged layer by layer"
-                    )
-            scale_targets = {}
-            if any(s.scale is not None for s in sl.sources):
-                scale_targets = dict(
-                    self.layouts[ref0].residual_scale_targets(self.models[ref0].model_type)
-                )
-            for offset in range(length):
-                pos = params.layer_position(offset, length)
-                out_prefix = f"{layout0.layer_prefix}.{out_layer}."
-                for suffix in suffixes:
-                    srcs = [
-                        (s.model, self.layouts[s.model].layer_name(s.layer_range[0] + offset, suffix), s)
-                        for s in sl.sources
-                    ]
-                    task = self._task(out_prefix + suffix, suffix, srcs, sl, out_layer, pos)
-                    if suffix in scale_targets and sl.sources[0].scale is not None:
-                        task.residual_scale = sl.sources[0].scale
-                        task.unit_offset = scale_targets[suffix]
-                    tasks.append(task)
-                origins.append((sl.sources[0].model, sl.sources[0].layer_range[0] + offset))
-                out_layer += 1
+            out_layer = self._add_slice_tasks(sl, out_layer, layout0.layer_prefix, tasks, origins)
         # tensors after the layers (final norm, head)
         post = list(layout0.post_names)
         head_from_alias = False
@@ -249,12 +188,41 @@ class Planner:
             tied_head=layout0.tied_head is not None and not head_from_alias,
         )
 
-    def _dominant_dtype(self, ref: str) -> torch.dtype:
-        counts: dict[torch.dtype, int] = {}
-        for info in self.models[ref].tensors.values():
-            if info.dtype.is_floating_point:
-                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
-        return max(counts, key=counts.__getitem__) if counts else torch.float32
+    def _add_slice_tasks(
+        self,
+        sl: Slice,
+        out_layer: int,
+        layer_prefix: str,
+        tasks: list[TensorTask],
+        origins: list[tuple[str, int]],
+    ) -> int:
+        """Append the tasks of one slice's layers (and where each output layer came from);
+        return the index of the next output layer."""
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        ref0 = sl.sources[0].model
+        suffixes = self.layouts[ref0].layer_suffixes
+        check_slice_sources(sl, self.layouts)
+        scale_targets = {}
+        if any(s.scale is not None for s in sl.sources):
+            scale_targets = dict(
+                self.layouts[ref0].residual_scale_targets(self.models[ref0].model_type)
+            )
+        for offset in range(length):
+            pos = params.layer_position(offset, length)
+            out_prefix = f"{layer_prefix}.{out_layer}."
+            for suffix in suffixes:
+                srcs = [
+                    (s.model, self.layouts[s.model].layer_name(s.layer_range[0] + offset, suffix), s)
+                    for s in sl.sources
+                ]
+                task = self._task(out_prefix + suffix, suffix, srcs, sl, out_layer, pos)
+                if suffix in scale_targets and sl.sources[0].scale is not None:
+                    task.residual_scale = sl.sources[0].scale
+                    task.unit_offset = scale_targets[suffix]
+                tasks.append(task)
+            origins.append((sl.sources[0].model, sl.sources[0].layer_range[0] + offset))
+            out_layer += 1
+        return out_layer
 
     def _slices(self) -> list[Slice]:
         """The recipe as slices: a ``models`` recipe is one slice over all layers."""
@@ -320,19 +288,9 @@ class Planner:
                 if self.recipe.slices
                 else f"{method.name} needs a base_model"
             )
-        n_in = len(inputs)
-        if n_in < method.min_models or (method.max_models is not None and n_in > method.max_models):
-            want = (
-                f"exactly {method.min_models}"
-                if method.max_models == method.min_models
-                else f"at least {method.min_models}"
-                + (f" and at most {method.max_models}" if method.max_models else "")
-            )
-            raise MergeError(
-                f"{method.name} takes {want} model(s) besides the base; this recipe gives {n_in}"
-            )
-        model_params, global_params = self._check_params(
-            scopes, [sl.parameters, self.recipe.parameters], out_name, pos, names
+        check_input_count(method, len(inputs))
+        model_params, global_params = resolve_tensor_params(
+            method, scopes, [sl.parameters, self.recipe.parameters], out_name, pos, names
         )
         # shapes must agree
         all_srcs = ([base_src] if base_src else []) + inputs

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -25,6 +25,9 @@ from workers.lost_workers import TICK_S, WARMUP_S, LostWorkers, Running, Slot, b
 from workers.ray_init import init_ray, local_ray_auth, start_local_ray
 from workers.retry import RetryNotice
 from workers.trial import TrialResult, WorkerSpec
+
+if TYPE_CHECKING:
+    from search_spaces.recipe import Recipe
 
 __all__ = ["RetryNotice", "WorkerPool", "WorkerResources", "init_ray", "local_ray_auth", "start_local_ray"]
 
@@ -40,15 +43,19 @@ class WorkerResources(BaseModel):
 
 # ---- the actor --------------------------------------------------------------------------------
 class _Actor:
-    """The Ray actor: a :class:`TrialRunner` behind ``evaluate``."""
+    """The Ray actor: a :class:`TrialRunner` behind ``evaluate``.
 
-    def __init__(self, spec: dict[str, Any]):
+    Ray pickles the arguments and the result: a :class:`WorkerSpec`, a ``Recipe`` and a
+    :class:`TrialResult` arrive as the validated objects they were, with no JSON in between."""
+
+    def __init__(self, spec: WorkerSpec):
         from workers.trial import TrialRunner
 
         self.runner = TrialRunner(spec)
 
-    def evaluate(self, trial_id: int, recipe: dict[str, Any]) -> dict[str, Any]:
-        return self.runner.run(trial_id, recipe).model_dump()
+    def evaluate(self, trial_id: int, recipe: Any) -> TrialResult:
+        """``recipe``: a ``Recipe``, or its JSON (a row read back; the runner validates it)."""
+        return self.runner.run(trial_id, recipe)
 
     def ping(self) -> dict[str, Any]:
         """Answered once the actor is set up, even while a trial runs (``max_concurrency=2``)."""
@@ -61,6 +68,12 @@ class _Actor:
 
     def memory(self) -> dict[str, int]:
         return self.runner.builder.memory_bytes()
+
+
+def _result(value: Any) -> TrialResult:
+    """What ``evaluate`` returned: a :class:`TrialResult` (anything else is validated, and
+    fails the trial if it does not validate)."""
+    return value if isinstance(value, TrialResult) else TrialResult.model_validate(value)
 
 
 # ---- the pool ---------------------------------------------------------------------------------
@@ -94,7 +107,7 @@ class WorkerPool(LostWorkers):
 
     def _start(self, slot: Slot) -> Slot:
         """A new actor in ``slot``; its first ping answers when it is ready."""
-        slot.actor = self._cls.remote(self.spec.model_dump(mode="json"))
+        slot.actor = self._cls.remote(self.spec)  # pickled by Ray, not validated again
         slot.created = time.perf_counter()
         slot.ping, slot.ping_sent = slot.actor.ping.remote(), slot.created
         slot.ready_at, slot.node_id, slot.dead, slot.finished = None, None, None, 0
@@ -114,17 +127,19 @@ class WorkerPool(LostWorkers):
         """Is any trial of this pool in flight (running, about to be retried, or to be reported)?"""
         return bool(self.running or self._retries or self._failed)
 
-    def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None) -> None:
-        """Run a trial on an idle actor. ``attempt``: the how-manieth dispatch of this trial this is
-        (a caller re-running a trial says so); ``timeout_s``: its deadline (default: derived)."""
+    def submit(self, trial_id: int, recipe: Recipe | dict[str, Any], attempt: int = 1,
+               timeout_s: float | None = None) -> None:
+        """Run a trial on an idle actor. ``recipe``: the object, or its JSON (validated on the actor,
+        where a recipe that does not validate fails its trial); ``attempt``: the how-manieth dispatch
+        of this trial this is (a caller re-running a trial says so); ``timeout_s``: its deadline
+        (default: derived)."""
         free = self._free_slots()
         if not free:
             raise RuntimeError("no idle worker: call idle() before submit()")
         slot = free[0]
         if slot.dead is not None:  # known gone while idle: a new actor first
             self._replace(slot)
-        data = recipe if isinstance(recipe, dict) else recipe.model_dump(mode="json")
-        self._dispatch(Running(trial_id, data, attempt, timeout_s), slot)
+        self._dispatch(Running(trial_id, recipe, attempt, timeout_s), slot)
 
     def _dispatch(self, run: Running, slot: Slot) -> None:
         """Every dispatch of a trial to an actor goes through here."""
@@ -174,7 +189,7 @@ class WorkerPool(LostWorkers):
         slot = run.slot
         self._release(slot)
         try:
-            result = TrialResult.model_validate(ray.get(ref))
+            result = _result(ray.get(ref))
         except RayTaskError as err:  # evaluate() raised: a bug in the trial code, not a lost worker
             results.append(failed_result(run, f"the worker raised {brief(err)}"))
             return

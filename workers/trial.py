@@ -12,11 +12,14 @@ import resource
 import socket
 import time
 import traceback
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from evaluators.base import EvaluationSpec
+
+if TYPE_CHECKING:
+    from search_spaces.recipe import Recipe
 
 
 class WorkerSpec(BaseModel):
@@ -54,7 +57,7 @@ class TrialTimings(BaseModel):
 
 
 class TrialResult(BaseModel):
-    """What a worker reports for one trial (crosses the Ray boundary as a dict)."""
+    """What a worker reports for one trial (crosses the Ray boundary as the object, pickled)."""
 
     trial_id: int
     state: Literal["complete", "failed"]
@@ -126,7 +129,7 @@ class TrialRunner:
         from evaluators import registry
         from workers.candidate import CandidateBuilder
 
-        self.spec = WorkerSpec.model_validate(spec)
+        self.spec = spec if isinstance(spec, WorkerSpec) else WorkerSpec.model_validate(spec)
         torch.set_num_threads(self.spec.threads)
         self.plan = worker_plan(self.spec)
         self.builder = CandidateBuilder(self.spec.sources, base=self.spec.base_model,
@@ -146,7 +149,9 @@ class TrialRunner:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.builder.models[ref].path))
         return self._tokenizer
 
-    def run(self, trial_id: int, recipe: dict[str, Any] | Any) -> TrialResult:
+    def run(self, trial_id: int, recipe: Recipe | dict[str, Any]) -> TrialResult:
+        """Build and score ``recipe`` (the object, used as it is, or its JSON, validated here:
+        a recipe that does not validate fails the trial with the reason)."""
         from evaluators.base import EvaluationError
         from evaluators.fitness import fitness
         from search_spaces.recipe import Recipe

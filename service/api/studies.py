@@ -295,7 +295,7 @@ def trial_view(study_id: StudyId, number: int = Path(ge=0, le=2**31 - 1, example
             raise HTTPException(404, f"study {study_id!r} has no trial {number} with a recipe")
         stored = StoredStudy.from_row(study)
         return recipe_view(trial.recipe, num_layers=stored.space_spec.get("num_layers"),
-                           names=stored.model_names())
+                           names=stored.model_names(), kind=stored.space_spec.get("kind"))
 
 
 @router.get("/{study_id}/baselines", response_model=list[BaselineOut],

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Baseline, Event, Study, StudyStatus, Trial, TrialState
-from service.runtime import HeldoutRun, worker_spec_data
+from service.runtime import HeldoutRun, build_worker_spec
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -82,7 +82,6 @@ class EndOfStudy:
         from service.pareto import pareto_front
         from workers.pool import WorkerPool
         from workers.ray_init import init_ray
-        from workers.trial import WorkerSpec
 
         k = rt.validated.heldout_top_k
         with self.sessions() as s:
@@ -104,8 +103,7 @@ class EndOfStudy:
             return False
         init_ray(self.settings.ray_address)
         self._release_search_pool(rt)
-        spec = WorkerSpec.model_validate(worker_spec_data(rt.validated, self.settings, heldout=True,
-                                                          paths=rt.paths))
+        spec = build_worker_spec(rt.validated, self.settings, heldout=True, paths=rt.paths)
         pool = WorkerPool(spec, 1, self._resources())
         pending = {**{t.id: t.number for t in top}, **{i: -1 for i, _ in refs}}
         rt.heldout = HeldoutRun(pool=pool, pending=pending, queue=[(t.id, t.recipe) for t in top] + refs)

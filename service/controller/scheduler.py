@@ -5,6 +5,11 @@ baselines first, then new points (ask one point, decode it, INSERT the trial, st
 a lease, and COMMIT, then submit it). Finished trials are collected from every busy pool and
 recorded (service/controller/recorder.py), which tells the optimizer. A pool is shared by the
 studies whose worker spec is the same (``service.runtime.pool_key``).
+
+Handovers are typed: the space's :class:`~search_spaces.recipe.Recipe` goes to the pool as the
+object (dumped once, for the trial row), and the pool's ``WorkerSpec`` is validated once per
+study; Ray pickles both to the actors, which use them as they are. Recipes read back from rows
+(recovered trials, baselines, held-out re-scoring) go as their JSON, validated by the worker.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import Study, Trial, TrialState, utcnow
-from service.runtime import worker_spec_data
+from service.runtime import build_worker_spec
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from search_spaces.recipe import Recipe
     from service.controller.recorder import ResultRecorder
     from service.runtime import StudyRuntime
     from workers.pool import WorkerPool, WorkerResources
     from workers.retry import RetryNotice
-    from workers.trial import TrialResult
+    from workers.trial import TrialResult, WorkerSpec
 
 log = logging.getLogger("evomerge.controller")
 
@@ -58,18 +64,23 @@ class Scheduler:
             return pool
         from workers.pool import WorkerPool
         from workers.ray_init import init_ray
-        from workers.trial import WorkerSpec
 
         used = sum(len(p.slots) for p in self.pools.values())
         n = min(rt.parallelism, self.settings.max_workers - used)
         if n < 1:
             return None
         init_ray(self.settings.ray_address)
-        spec = worker_spec_data(rt.validated, self.settings, paths=rt.paths)
-        pool = WorkerPool(WorkerSpec.model_validate(spec), n, self._resources(), on_retry=self._on_retry)
+        pool = WorkerPool(self._worker_spec(rt), n, self._resources(), on_retry=self._on_retry)
         self.pools[rt.pool_key] = pool
         log.info("started %d worker(s) for study %s", n, rt.study_id)
         return pool
+
+    def _worker_spec(self, rt: StudyRuntime) -> WorkerSpec:
+        """The study's search workers' spec, validated once per runtime (a pool started again
+        after a release reuses it); the pool hands the object itself to its actors."""
+        if rt.worker is None:
+            rt.worker = build_worker_spec(rt.validated, self.settings, paths=rt.paths)
+        return rt.worker
 
     def _resources(self) -> WorkerResources:
         from workers.pool import WorkerResources
@@ -172,16 +183,18 @@ class Scheduler:
     def _start_trial(self, rt: StudyRuntime, pool: WorkerPool) -> bool:
         """Ask one point and run it; the trial row is committed before the worker sees it."""
         point = rt.store.ask()
-        recipe: dict[str, Any] | None = None
+        recipe: Recipe | None = None
+        stored: dict[str, Any] | None = None  # the recipe's JSON, for the row (its one dump)
         error = None
         try:
-            recipe = rt.resolve(rt.space.decode(point.params).model_dump(mode="json"))
+            recipe = rt.resolve(rt.space.decode(point.params))
+            stored = recipe.model_dump(mode="json")
         except Exception as err:  # a point the space cannot decode is a failed trial
             error = f"the point could not be decoded into a recipe: {err}"
         now = utcnow()
         with self.sessions.begin() as s:
             trial = Trial(study_id=rt.study_id, number=rt.next_number, point_id=str(point.id),
-                          params=dict(point.params), recipe=recipe, attempts=1, started_at=now,
+                          params=dict(point.params), recipe=stored, attempts=1, started_at=now,
                           state=TrialState.RUNNING if error is None else TrialState.FAILED,
                           failure_reason=error, finished_at=None if error is None else now,
                           lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
@@ -197,7 +210,7 @@ class Scheduler:
             return True
         rt.in_flight[trial_id] = rt.next_number - 1
         self._owner[trial_id] = rt.study_id
-        pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
+        pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)  # the object, not its JSON
         return True
 
     # ---- results ---------------------------------------------------------------------------------

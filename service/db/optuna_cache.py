@@ -45,33 +45,33 @@ from collections.abc import Container, Sequence
 from datetime import datetime
 from typing import Any
 
-from optuna.distributions import BaseDistribution, check_distribution_compatibility, distribution_to_json
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._rdb import models as rdb_models
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import insert
+
+from service.db.optuna_held_writes import HeldWrites
+from service.db.optuna_trial_memory import TrialMemory
 
 log = logging.getLogger("evomerge.optuna")
 
 
 class SoleWriterStorage(BaseStorage):
-    """``backend``'s studies, read from memory; see the module docstring for the contract."""
+    """``backend``'s studies, read from memory; see the module docstring for the contract.
+
+    The trials in memory are a :class:`TrialMemory`; the writes held until :meth:`flush`
+    are a :class:`HeldWrites`. This class is the Optuna storage interface over the two.
+    """
 
     def __init__(self, backend: RDBStorage) -> None:
         self._backend = backend
         self._lock = threading.RLock()
-        self._trials: dict[int, list[FrozenTrial]] = {}  # study id -> its trials, by number
-        self._where: dict[int, tuple[int, int]] = {}  # trial id -> (study id, number)
-        self._unfinished: dict[int, set[int]] = {}  # study id -> numbers of its unfinished trials
+        self._memory = TrialMemory()
+        self._held = HeldWrites(backend)
         self._directions: dict[int, list[StudyDirection]] = {}
         self._names: dict[int, str] = {}
         self._study_system_attrs: dict[int, dict[str, Any]] = {}  # read once, then written through
-        self._param_distributions: dict[tuple[int, str], BaseDistribution] = {}
-        # writes held until flush(): ("param", trial id, name, internal value, distribution, previous)
-        # or ("system_attr", trial id, key, value); None where RDBStorage lacks what batching uses
-        self._pending: list[tuple[Any, ...]] | None = [] if _can_batch(backend) else None
 
     @property
     def backend(self) -> RDBStorage:
@@ -80,87 +80,47 @@ class SoleWriterStorage(BaseStorage):
     # ---- the study's trials in memory ---------------------------------------------------------
     def _study_trials(self, study_id: int) -> list[FrozenTrial]:
         """The study's trials (read once from the database)."""
-        trials = self._trials.get(study_id)
+        trials = self._memory.study(study_id)
         if trials is None:
             self.flush()
-            trials = self._backend.get_all_trials(study_id, deepcopy=False)
-            trials.sort(key=lambda t: t.number)
-            if [t.number for t in trials] != list(range(len(trials))):
-                raise RuntimeError(f"Optuna study {study_id}: trial numbers are not 0..{len(trials) - 1}")
-            self._trials[study_id] = trials
-            self._unfinished[study_id] = {t.number for t in trials if not t.state.is_finished()}
-            for t in trials:
-                self._where[t._trial_id] = (study_id, t.number)
-                for name, dist in t.distributions.items():
-                    self._param_distributions.setdefault((study_id, name), dist)
+            trials = self._memory.load_study(study_id, self._backend.get_all_trials(study_id, deepcopy=False))
         return trials
 
     def _reload(self, study_id: int) -> None:
-        for t in self._trials.pop(study_id, []):
-            self._where.pop(t._trial_id, None)
+        self._memory.drop_study(study_id)
         self._study_system_attrs.pop(study_id, None)
         self._study_trials(study_id)
-
-    def _cached(self, trial_id: int) -> FrozenTrial | None:
-        where = self._where.get(trial_id)
-        if where is None:
-            return None
-        study_id, number = where
-        return self._trials[study_id][number]
 
     # ---- held writes ------------------------------------------------------------------------------
     def flush(self) -> None:
         """Commit the held parameter and system-attribute writes, in one transaction."""
         with self._lock:
-            if not self._pending:
+            ops = self._held.take()
+            if not ops:
                 return
-            ops, self._pending = self._pending, []
-            from optuna.storages._rdb.storage import _create_scoped_session
-
             try:
-                with _create_scoped_session(self._backend.scoped_session, True) as session:
-                    for trial_id in dict.fromkeys(op[1] for op in ops):  # as RDBStorage checks each write
-                        row = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
-                        self._backend.check_trial_is_updatable(trial_id, row.state)
-                    # parameters already checked against the study's distributions: one executemany
-                    rows = [{"trial_id": op[1], "param_name": op[2], "param_value": op[3],
-                             "distribution_json": distribution_to_json(op[4])}
-                            for op in ops if op[0] == "param" and op[5] is not None]
-                    if rows:
-                        session.execute(insert(rdb_models.TrialParamModel.__table__), rows)
-                    for op in ops:
-                        if op[0] == "param" and op[5] is None:  # the study's first use of the name
-                            self._backend._set_trial_param_without_commit(session, *op[1:])
-                        elif op[0] != "param":
-                            self._backend._set_trial_attr_without_commit(
-                                session, rdb_models.TrialSystemAttributeModel, *op[1:])
+                self._held.commit(ops)
             except BaseException:
                 self._forget()  # memory is ahead of the database: read it again when next used
                 raise
 
     def _forget(self) -> None:
-        self._trials.clear()
-        self._where.clear()
-        self._unfinished.clear()
+        self._memory.clear()
         self._study_system_attrs.clear()
-        self._param_distributions.clear()
 
     # ---- studies: passed through (rare) ---------------------------------------------------------
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
         self.flush()
         study_id = self._backend.create_new_study(directions=directions, study_name=study_name)
         with self._lock:
-            self._trials[study_id] = []
-            self._unfinished[study_id] = set()
+            self._memory.new_study(study_id)
         return study_id
 
     def delete_study(self, study_id: int) -> None:
         self.flush()
         self._backend.delete_study(study_id)
         with self._lock:
-            for t in self._trials.pop(study_id, []):
-                self._where.pop(t._trial_id, None)
-            self._unfinished.pop(study_id, None)
+            self._memory.drop_study(study_id)
             self._study_system_attrs.pop(study_id, None)
             self._directions.pop(study_id, None)
             self._names.pop(study_id, None)
@@ -218,19 +178,16 @@ class SoleWriterStorage(BaseStorage):
                             study_id, len(trials))
                 self._reload(study_id)
                 return frozen._trial_id
-            trials.append(frozen)
-            self._where[frozen._trial_id] = (study_id, frozen.number)
-            if not frozen.state.is_finished():
-                self._unfinished[study_id].add(frozen.number)
+            self._memory.add(study_id, frozen)
             return frozen._trial_id
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
         with self._lock:
-            where = self._where.get(trial_id)
-            trial = self._cached(trial_id)
-            previous = self._param_distributions.get((where[0], param_name)) if where else None
-            if trial is None or where is None or self._pending is None:
+            where = self._memory.locate(trial_id)
+            trial = self._memory.cached(trial_id)
+            previous = self._memory.distribution(where[0], param_name) if where else None
+            if trial is None or where is None or not self._held.enabled:
                 self.flush()
                 self._backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
                 if trial is None or where is None:
@@ -240,14 +197,13 @@ class SoleWriterStorage(BaseStorage):
                     self._backend.check_trial_is_updatable(trial_id, trial.state)  # raises
                 if previous is not None:  # what RDBStorage would check against the stored one
                     check_distribution_compatibility(previous, distribution)
-                self._pending.append(("param", trial_id, param_name, param_value_internal, distribution,
-                                      previous))
-            self._param_distributions.setdefault((where[0], param_name), distribution)
+                self._held.hold_param(trial_id, param_name, param_value_internal, distribution, previous)
+            self._memory.note_distribution(where[0], param_name, distribution)
             params = dict(trial.params)
             distributions = dict(trial.distributions)
             params[param_name] = distribution.to_external_repr(param_value_internal)
             distributions[param_name] = distribution
-            self._replace(trial, params=params, distributions=distributions)
+            self._memory.replace(trial, params=params, distributions=distributions)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
@@ -255,7 +211,7 @@ class SoleWriterStorage(BaseStorage):
             self.flush()
             if not self._backend.set_trial_state_values(trial_id, state=state, values=values):
                 return False
-            trial = self._cached(trial_id)
+            trial = self._memory.cached(trial_id)
             if trial is None:
                 return True
             changes: dict[str, Any] = {"state": state}
@@ -265,49 +221,38 @@ class SoleWriterStorage(BaseStorage):
                 changes["datetime_start"] = datetime.now()
             if state.is_finished():
                 changes["datetime_complete"] = datetime.now()
-            self._replace(trial, **changes)
+            self._memory.replace(trial, **changes)
             return True
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         with self._lock:
             self.flush()
             self._backend.set_trial_intermediate_value(trial_id, step, intermediate_value)
-            trial = self._cached(trial_id)
+            trial = self._memory.cached(trial_id)
             if trial is not None:
                 values = {**trial.intermediate_values, step: intermediate_value}
-                self._replace(trial, intermediate_values=values)
+                self._memory.replace(trial, intermediate_values=values)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._lock:
             self.flush()
             self._backend.set_trial_user_attr(trial_id, key, value)
-            trial = self._cached(trial_id)
+            trial = self._memory.cached(trial_id)
             if trial is not None:
-                self._replace(trial, user_attrs={**trial.user_attrs, key: copy.deepcopy(value)})
+                self._memory.replace(trial, user_attrs={**trial.user_attrs, key: copy.deepcopy(value)})
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._lock:
-            trial = self._cached(trial_id)
-            if trial is None or self._pending is None:
+            trial = self._memory.cached(trial_id)
+            if trial is None or not self._held.enabled:
                 self.flush()
                 self._backend.set_trial_system_attr(trial_id, key, value)
             else:
                 if trial.state.is_finished():
                     self._backend.check_trial_is_updatable(trial_id, trial.state)  # raises
-                self._pending.append(("system_attr", trial_id, key, value))
+                self._held.hold_system_attr(trial_id, key, value)
             if trial is not None:
-                self._replace(trial, system_attrs={**trial.system_attrs, key: copy.deepcopy(value)})
-
-    def _replace(self, trial: FrozenTrial, **changes: Any) -> None:
-        """Swap the cached trial for a changed copy: objects already handed out never change
-        under their holder (as with trials read from the database)."""
-        new = copy.copy(trial)
-        for name, value in changes.items():
-            setattr(new, name, value)  # FrozenTrial's public setters
-        study_id, number = self._where[trial._trial_id]
-        self._trials[study_id][number] = new
-        if new.state.is_finished():
-            self._unfinished[study_id].discard(number)
+                self._memory.replace(trial, system_attrs={**trial.system_attrs, key: copy.deepcopy(value)})
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
         with self._lock:
@@ -318,7 +263,7 @@ class SoleWriterStorage(BaseStorage):
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         with self._lock:
-            trial = self._cached(trial_id)
+            trial = self._memory.cached(trial_id)
             if trial is None:
                 self.flush()
                 return self._backend.get_trial(trial_id)
@@ -333,7 +278,7 @@ class SoleWriterStorage(BaseStorage):
                 out = list(trials)
             elif isinstance(states, (tuple, list, set, frozenset)) and not any(
                     x.is_finished() for x in states):  # waiting / running ones: Optuna asks at every ask
-                out = [trials[n] for n in sorted(self._unfinished[study_id]) if trials[n].state in states]
+                out = [t for t in self._memory.unfinished(study_id) if t.state in states]
             else:
                 out = [t for t in trials if t.state in states]
         return copy.deepcopy(out) if deepcopy else out
@@ -341,13 +286,3 @@ class SoleWriterStorage(BaseStorage):
     def remove_session(self) -> None:
         self._backend.remove_session()
 
-
-def _can_batch(backend: RDBStorage) -> bool:
-    """Whether this Optuna's RDBStorage has the (private) pieces :meth:`SoleWriterStorage.flush`
-    uses; without them every write is committed on its own, as by Optuna."""
-    from optuna.storages._rdb import storage
-
-    return all(hasattr(obj, name) for obj, name in (
-        (storage, "_create_scoped_session"), (backend, "_set_trial_param_without_commit"),
-        (backend, "_set_trial_attr_without_commit"), (rdb_models, "TrialSystemAttributeModel"),
-        (rdb_models, "TrialParamModel"), (rdb_models, "TrialModel")))

@@ -17,7 +17,6 @@ from pydantic.json_schema import SkipJsonSchema
 
 from search_spaces import registry as space_registry
 from search_spaces.sources import StudyRef
-from service.spec.bounds import MAX_SOURCES
 
 
 # ---- sources ---------------------------------------------------------------------------
@@ -75,16 +74,6 @@ def _refuse_derived(cls: type, value: Any, info: Any) -> Any:
 
 
 # ---- the user's form of a search space --------------------------------------------------
-def _stacking_layer_ranges(cls: type, value: Any) -> Any:
-    for r in value or []:
-        if r is not None and not 0 <= r[0] < r[1]:
-            raise ValueError(f"layer range {list(r)} must satisfy 0 <= start < end (end exclusive)")
-    return value
-
-
-_LayerIndex = Annotated[int, Field(ge=0, le=100_000)]
-
-
 def _space_form(kind: str, spec_class: type[BaseModel]) -> type[BaseModel]:
     """The user's form of a space spec: the spec's fields minus the derived ones.
 
@@ -108,14 +97,8 @@ def _space_form(kind: str, spec_class: type[BaseModel]) -> type[BaseModel]:
             validators[vname] = field_validator(*dec.info.fields, mode=dec.info.mode)(
                 classmethod(dec.func.__func__)
             )
-    if kind == "stacking":
-        fields["layer_ranges"] = (
-            Union[list[Union[tuple[_LayerIndex, _LayerIndex], None]], None],
-            Field(default=None, max_length=MAX_SOURCES,
-                  description="one entry per source: [start, end) of the layers it "
-                  "contributes, or null for all of them"),
-        )
-        validators["_layer_ranges"] = field_validator("layer_ranges")(classmethod(_stacking_layer_ranges))
+    for name, (annotation, info) in space_registry.space_class(kind).form_fields.items():
+        fields[name] = (annotation, copy.copy(info))  # the space's own form fields
     title = "".join(w.capitalize() for w in kind.split("_")) + "SpaceForm"
     form = create_model(  # type: ignore[call-overload]
         title,

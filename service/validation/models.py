@@ -159,8 +159,17 @@ def _diff_text(diffs: list[str]) -> str:
     return f"{shown}{f'; and {len(diffs) - 3} more' if len(diffs) > 3 else ''}"
 
 
+def _compatibility(kind: str) -> str:
+    """What the models of a space of ``kind`` must share (``SearchSpace.compatibility``)."""
+    from search_spaces.registry import SPACES
+
+    return SPACES.get(kind).compatibility if kind in SPACES else SearchSpace.compatibility
+
+
 def check_compatible(kind: str, models: list[Model], problems: Problems) -> None:
-    """The first model is the reference (the base for a parameter space)."""
+    """The first model is the reference (the base for a parameter space); what the models must
+    share is what the space of ``kind`` declares."""
+    same_tensors = _compatibility(kind) == "tensors"
     ref = models[0]
     for other in models[1:]:
         a, b = ref.info, other.info
@@ -170,9 +179,9 @@ def check_compatible(kind: str, models: list[Model], problems: Problems) -> None
             problems.add(
                 b.loc, f"model {b.given!r} is a {b.model_type} model, {a.given!r} a {a.model_type} model",
                 "merge models of one architecture"
-                + (" fine-tuned from one base" if kind == "parameter" else ""), "models_incompatible")
+                + (" fine-tuned from one base" if same_tensors else ""), "models_incompatible")
             continue
-        if kind == "parameter":
+        if same_tensors:
             diffs = _tensor_diffs(ref.headers.comparable_tensors(), other.headers.comparable_tensors())
             if diffs:
                 problems.add(

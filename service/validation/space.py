@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from pydantic import ValidationError
 
-from search_spaces.base import SearchSpace
+from search_spaces.base import ResolvedSource, SearchSpace, SpaceProblem
 from service.spec import DERIVED_FIELDS, StudySpec, problems_from_pydantic
 from service.validation.models import (
     Model,
@@ -45,10 +45,9 @@ def fill_space_spec(spec: StudySpec, sources: list[Model], base: Model | None,
     """The full space spec: the user's form with the derived fields filled in from the models."""
     form = spec.space
     kind = form.kind  # type: ignore[union-attr]
-    fill = _FILLERS.get(kind, _fill_declared)
     if kind not in DERIVED_FIELDS:
         problems.add(["space", "kind"], f"space kind {kind!r} is not supported by the service",
-                     f"use kind: {' or kind: '.join(_FILLERS)}", "unknown_space_kind")
+                     f"use kind: {' or kind: '.join(sorted(DERIVED_FIELDS))}", "unknown_space_kind")
         return None
     data = form.model_dump(exclude={*DERIVED_FIELDS[kind], "layer_ranges"})
     tok = data.get("tokenizer_source")
@@ -61,80 +60,19 @@ def fill_space_spec(spec: StudySpec, sources: list[Model], base: Model | None,
                          "write 'base', or a model exactly as it appears in sources / base_model",
                          "unknown_model")
             return None
-    return fill(data, form, sources, base, problems)
+    from search_spaces.registry import space_class
 
-
-def _fill_parameter(data: dict[str, Any], form: Any, sources: list[Model], base: Model | None,
-                    problems: Problems) -> dict[str, Any] | None:
-    """A parameter space merges the sources against the base, layer by layer of the base."""
-    from search_spaces.parameter_space import METHODS
-
-    info = METHODS[data["method"]]
-    if info.needs_base and base is None:
-        problems.add(["base_model"],
-                     f"{data['method']} merges task vectors against a base: base_model is missing",
-                     "set base_model to the model the sources were fine-tuned from (or use method: "
-                     "linear)", "missing_base_model")
+    try:
+        return space_class(kind).derive(data, form, [_resolved(m) for m in sources],
+                                        _resolved(base) if base is not None else None)
+    except SpaceProblem as p:
+        problems.add(p.loc, p.msg, p.fix, p.type)
         return None
-    if info.needs_base and base is not None:
-        for m in sources:
-            if m.info.ref == base.info.ref:
-                problems.add(m.info.loc,
-                             f"{m.info.given!r} is the base model; the base is not a merged source",
-                             "remove it from sources (it stays base_model)", "base_among_sources")
-                return None
-    ref = base or sources[0]
-    data.update(models=[m.spec_ref for m in sources], base_model=base.spec_ref if base else None,
-                num_layers=ref.info.num_layers)
-    return data
 
 
-def _fill_stacking(data: dict[str, Any], form: Any, sources: list[Model], base: Model | None,
-                   problems: Problems) -> dict[str, Any] | None:
-    """A stacking space takes each source with its layer count and the user's layer range."""
-    ranges = form.layer_ranges
-    if ranges is not None and len(ranges) != len(sources):
-        problems.add(["space", "layer_ranges"],
-                     f"layer_ranges has {len(ranges)} entries for {len(sources)} sources",
-                     "give one entry per source, in the order of sources (null: all its layers)",
-                     "layer_ranges_mismatch")
-        return None
-    data.update(
-        sources=[{"model": m.spec_ref, "num_layers": m.info.num_layers,
-                  "layer_range": ranges[i] if ranges else None} for i, m in enumerate(sources)],
-        base_model=base.spec_ref if base else None,
-    )
-    return data
-
-
-# How the service fills in each space kind's derived fields (``SearchSpace.derived_fields``).
-_FILLERS: dict[str, Callable[..., dict[str, Any] | None]] = {
-    "parameter": _fill_parameter,
-    "stacking": _fill_stacking,
-}
-
-# What the service fills in for a derived field of any other kind (a space plugin), by the
-# field's name: the merged models, the base and the layer count, as a parameter space gets them.
-_DERIVED_VALUES: dict[str, Callable[[list[Model], Model | None], Any]] = {
-    "models": lambda sources, base: [m.spec_ref for m in sources],
-    "base_model": lambda sources, base: base.spec_ref if base is not None else None,
-    "num_layers": lambda sources, base: (base or sources[0]).info.num_layers,
-}
-
-
-def _fill_declared(data: dict[str, Any], form: Any, sources: list[Model], base: Model | None,
-                   problems: Problems) -> dict[str, Any] | None:
-    """A space kind without a filler of its own: each derived field it declares, by its name."""
-    kind = form.kind
-    unknown = [f for f in DERIVED_FIELDS[kind] if f not in _DERIVED_VALUES]
-    if unknown:
-        problems.add(["space", "kind"], f"space kind {kind!r} derives {', '.join(unknown)} from the study's "
-                     "models, which the service cannot fill in",
-                     f"a space's derived fields are among: {', '.join(_DERIVED_VALUES)}",
-                     "unknown_space_kind")
-        return None
-    data.update({f: _DERIVED_VALUES[f](sources, base) for f in DERIVED_FIELDS[kind]})
-    return data
+def _resolved(m: Model) -> ResolvedSource:
+    return ResolvedSource(spec_ref=m.spec_ref, ref=m.info.ref, num_layers=m.info.num_layers,
+                          loc=tuple(m.info.loc), given=m.info.given)
 
 
 def check_dtypes(spec: StudySpec, problems: Problems) -> None:
@@ -176,7 +114,10 @@ def models_and_space(spec: StudySpec, settings: SettingsLike, problems: Problems
     kind = spec.space.kind  # type: ignore[union-attr]
     present = [m for m in sources if m is not None]
     group = ([base] if base is not None else []) + present
-    if kind == "stacking" and base is not None and any(m.info.ref == base.info.ref for m in present):
+    from search_spaces.registry import space_class
+
+    if (base is not None and space_class(kind).base_may_be_source
+            and any(m.info.ref == base.info.ref for m in present)):
         group = present
     n_before = len(problems.items)
     if group:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evaluators.base import EvaluationSpec
+from search_spaces.base import SearchSpace
 from service.spec import StudySpec
 from service.validation.models import SettingsLike, StudyModels, tokenizer_ref
 from service.validation.problems import Problems
@@ -24,28 +25,21 @@ from workers.memory_plan import (  # torch-free
 )
 
 
-def _worker_refs(spec: StudySpec, models: StudyModels) -> tuple[list[str], str | None]:
-    """(every model a worker loads, the base first; the base of the task vectors). A parameter
-    space computes task vectors against its base; stacking needs none (its base only lends
-    embeddings and head)."""
+def _space(models: StudyModels) -> SearchSpace:
+    assert models.space is not None  # the worker is planned only for a space that was built
+    return models.space
+
+
+def _worker_refs(models: StudyModels) -> tuple[list[str], str | None]:
+    """(every model a worker loads, the base first; the base of the task vectors). A space that
+    declares ``task_vector_base`` (a parameter space) computes task vectors against the study's
+    base; any other (stacking) needs none (its base only lends embeddings and head)."""
     base = models.base.info.ref if models.base is not None else None
-    task_vector_base = base if spec.space.kind == "parameter" else None  # type: ignore[union-attr]
+    task_vector_base = base if _space(models).task_vector_base else None
     refs = list(dict.fromkeys(m.info.ref for m in models.resolved))
     if task_vector_base is not None:
         refs = [task_vector_base, *(r for r in refs if r != task_vector_base)]
     return refs, task_vector_base
-
-
-def _merge_method(spec: StudySpec, models: StudyModels) -> str:
-    """The merge method of the study's recipes (what the memory plan sizes): passthrough for
-    stacking, else the space's ``method``, or for a space that has none (a plugin) the method of
-    the recipe at the space's centre."""
-    if spec.space.kind == "stacking":  # type: ignore[union-attr]
-        return "passthrough"
-    space = models.space
-    assert space is not None
-    method = getattr(space.spec, "method", None)
-    return str(method if method is not None else space.decode(space.center()).merge_method)
 
 
 def build_worker_spec(spec: StudySpec, models: StudyModels, evaluation: EvaluationSpec,
@@ -53,9 +47,8 @@ def build_worker_spec(spec: StudySpec, models: StudyModels, evaluation: Evaluati
     """The fields of ``workers.trial.WorkerSpec``: the models, the evaluation, and the memory plan
     (``dtype`` and ``tier`` as the spec gives them: a worker resolves auto as the plan did, with its
     own resources; the API's plan goes along for the record)."""
-    refs, task_vector_base = _worker_refs(spec, models)
-    stacking = spec.space.kind == "stacking"  # type: ignore[union-attr]
-    depth = getattr(getattr(models.space, "spec", None), "depth_bounds", None)
+    refs, task_vector_base = _worker_refs(models)
+    space = _space(models)
     return {
         "sources": refs,
         "base_model": task_vector_base,
@@ -65,8 +58,8 @@ def build_worker_spec(spec: StudySpec, models: StudyModels, evaluation: Evaluati
         "dtype": spec.worker.dtype,
         "tier": spec.worker.tier,
         "cache_task_vectors": spec.worker.cache_task_vectors,
-        "method": _merge_method(spec, models),
-        "stacking_layers": int(depth[1]) if stacking and depth else None,
+        "method": space.merge_method(),
+        "stacking_layers": space.stacked_layers(),
         "memory_plan": plan_json(plan),
     }
 
@@ -108,24 +101,22 @@ def plan_worker_memory(spec: StudySpec, models: StudyModels, settings: SettingsL
                        problems: Problems) -> MemoryPlan | None:
     """The memory plan of one worker, from the headers already read; a study that no tier (or not
     the tier asked for) can hold is a ``does_not_fit`` problem at ``worker``."""
-    assert models.space is not None
-    refs, task_vector_base = _worker_refs(spec, models)
+    space = _space(models)
+    refs, task_vector_base = _worker_refs(models)
     by_ref = {m.info.ref: m for m in models.resolved}
     facts = [facts_from_tensors(ref, ((n, h.shape, h.dtype) for n, h in by_ref[ref].headers.tensors.items()),
                                 by_ref[ref].headers.config) for ref in refs]
-    stacking = spec.space.kind == "stacking"  # type: ignore[union-attr]
+    stacked = space.stacked_layers()
     owner = task_vector_base
-    if stacking:
+    if stacked is not None:  # the candidate takes embeddings and head from the base
         owner = models.base.info.ref if models.base is not None else refs[0]
     elif owner is None:
         owner = refs[0]
-    depth = getattr(getattr(models.space, "spec", None), "depth_bounds", None)
     config = by_ref[owner].headers.config
     try:
         return plan_memory(
-            sources=facts, base=owner if stacking else task_vector_base,
-            method=_merge_method(spec, models),
-            stacking_layers=int(depth[1]) if stacking and depth else None,
+            sources=facts, base=owner if stacked is not None else task_vector_base,
+            method=space.merge_method(), stacking_layers=stacked,
             candidate_dtype=_plan_dtype(spec), limits=worker_limits(settings),
             evaluation=eval_facts(config, spec.evaluation.batch_size, _eval_tokens(spec.evaluation)),
             tier=spec.worker.tier, cache_task_vectors=spec.worker.cache_task_vectors)
