@@ -268,3 +268,46 @@ def test_two_studies_share_the_workers_and_pause_resume_cancel(llama, db, settin
         order = [e.study_id for e in s.scalars(select(Event).where(Event.kind == "trial_complete")
                                                .order_by(Event.id))]
     assert {a, b} <= set(order[:4])  # round-robin: neither waited for the other
+
+
+def test_a_cancel_written_while_the_controller_opens_the_study_is_kept(llama, db, settings, monkeypatch):
+    """The API cancels a queued study while the controller is opening it, just before the
+    controller marks it running: the cancel wins, the study never starts. (The controller
+    used to read the row, then write its status back as running over the cancel.)"""
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql.dml import Update
+
+    _, sessions = db
+    sid = add_study(sessions, spec(llama, trials=4))
+    original_get, original_execute = Session.get, Session.execute
+    seen = {"reads": 0, "cancelled": False}
+
+    def cancel_once() -> None:
+        if not seen["cancelled"]:
+            seen["cancelled"] = True
+            set_status(sessions, sid, StudyStatus.CANCELLED)  # the API's write, from its own session
+
+    def get(self, entity, ident, *args, **kwargs):
+        row = original_get(self, entity, ident, *args, **kwargs)
+        if entity is Study and ident == sid and not seen["cancelled"]:
+            seen["reads"] += 1
+            if seen["reads"] == 2:  # read again to be written back: the API cancels in between
+                cancel_once()
+        return row
+
+    def execute(self, statement, *args, **kwargs):
+        if isinstance(statement, Update) and statement.table.name == Study.__tablename__:
+            cancel_once()  # the controller's first write to the row: the API cancels just before
+        return original_execute(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "get", get)
+    monkeypatch.setattr(Session, "execute", execute)
+    controller = Controller(settings, sessions)
+    try:
+        controller._open(sid)
+    finally:
+        controller.stop()
+    monkeypatch.undo()
+    assert seen["cancelled"]
+    assert study_row(sessions, sid).status == StudyStatus.CANCELLED
+    assert events(sessions, sid, "study_started") == []

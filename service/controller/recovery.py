@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.controller.optimizer_store import OptimizerStore
@@ -101,11 +101,12 @@ class Recovery:
                           next_number=(next_number + 1) if next_number is not None else 0,
                           used=self._count_used(study_id), paths=paths)
         with self.sessions.begin() as s:
-            study = s.get(Study, study_id)
-            assert study is not None
-            study.optuna_study_name = optuna_name
-            if study.status == StudyStatus.QUEUED:
-                study.status = StudyStatus.RUNNING
+            s.execute(update(Study).where(Study.id == study_id).values(optuna_study_name=optuna_name))
+            # queued -> running only if it is still queued: a cancel (or pause) the API wrote
+            # since this study was read must not be overwritten
+            started = s.execute(update(Study).where(Study.id == study_id, Study.status == StudyStatus.QUEUED)
+                                .values(status=StudyStatus.RUNNING)).rowcount
+            if started:
                 s.add(Event(study_id=study_id, kind="study_started",
                             data={"warnings": validated.warnings}))
         self.runtimes[study_id] = rt
