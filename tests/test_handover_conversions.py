@@ -31,7 +31,8 @@ from service.controller import Controller
 from service.db import Study, StudyStatus, Trial, TrialState, make_engine, session_factory
 from service.runtime import StudyRuntime
 from tests.api_fixtures import make_settings
-from workers.trial import TrialResult, TrialRunner, WorkerSpec
+from tests.test_plugins_end_to_end import InProcessPool
+from workers.trial import TrialResult, WorkerSpec
 
 NOOP = {"evaluator": "noop", "objectives": [{"task": "fingerprint", "metric": "mean"}]}
 TRIALS = 4
@@ -87,45 +88,21 @@ class Conversions:
         monkeypatch.setattr(cls, name, wrapper)
 
 
-class PickledPool:
-    """``workers.pool.WorkerPool``'s interface over one :class:`TrialRunner` in this process.
-
-    What crosses to the "actor" and back is pickled and unpickled, as Ray does; ``arrived``
-    records the type each recipe had on the actor side."""
+class PickledPool(InProcessPool):
+    """The in-process pool of tests/test_plugins_end_to_end.py, counting conversions on the
+    "actor" side; ``arrived`` records the type each recipe had there."""
 
     def __init__(self, spec: WorkerSpec, n: int, conversions: Conversions) -> None:
+        super().__init__(spec, n)
         self.conversions = conversions
-        self.runner = TrialRunner(pickle.loads(pickle.dumps(spec)))
-        self.slots = [None] * n
-        self.running: dict[int, tuple[bytes, int]] = {}  # trial id -> (pickled recipe, attempt)
         self.arrived: list[type] = []
 
-    def idle(self) -> int:
-        return len(self.slots) - len(self.running)
-
-    def busy(self) -> bool:
-        return bool(self.running)
-
-    def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None) -> None:
-        if not self.idle():
-            raise RuntimeError("no idle worker: call idle() before submit()")
-        self.running[trial_id] = (pickle.dumps(recipe), attempt)
-
-    def wait(self, timeout: float | None = None) -> list[TrialResult]:
-        results = []
-        for trial_id, (data, attempt) in list(self.running.items()):
-            with self.conversions.window(trial_id >= 0):
-                recipe = pickle.loads(data)
-                if trial_id >= 0:
-                    self.arrived.append(type(recipe))
-                result = pickle.loads(pickle.dumps(self.runner.run(trial_id, recipe)))
-            result.attempts = attempt
-            results.append(result)
-        self.running.clear()
-        return results
-
-    def shutdown(self) -> None:
-        self.running.clear()
+    def _run(self, trial_id: int, data: bytes) -> TrialResult:
+        with self.conversions.window(trial_id >= 0):
+            recipe = pickle.loads(data)
+            if trial_id >= 0:
+                self.arrived.append(type(recipe))
+            return pickle.loads(pickle.dumps(self.runner.run(trial_id, recipe)))
 
 
 class CountingController(Controller):

@@ -49,31 +49,24 @@ def resolve_tensor_params(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The method's per-model and global parameter values for one tensor at depth ``pos``:
     the most specific scope wins, then the default; each value is checked."""
-    global_params: dict[str, Any] = {}
-    for spec in method.global_params:
-        value = params.resolve(spec.name, global_scopes, tensor, pos)
-        if value is None:
+    def value(spec: Any, scopes: Any, missing: str, where: str) -> Any:
+        found = params.resolve(spec.name, scopes, tensor, pos)
+        if found is None:
             if spec.required:
-                raise MergeError(
-                    f"{method.name}: global parameter {spec.name!r} is missing "
-                    f"(tensor {tensor}); add it under 'parameters:'"
-                )
-            value = spec.default
-        global_params[spec.name] = spec.check(value, f"at tensor {tensor}")
-    per_model = []
-    for scopes, ref in zip(scopes_by_input, input_names):
-        values: dict[str, Any] = {}
-        for spec in method.model_params:
-            value = params.resolve(spec.name, scopes, tensor, pos)
-            if value is None:
-                if spec.required:
-                    raise MergeError(
-                        f"{method.name}: parameter {spec.name!r} is missing for model "
-                        f"{ref!r} (tensor {tensor}); add it to that model's 'parameters:'"
-                    )
-                value = spec.default
-            values[spec.name] = spec.check(value, f"of model {ref!r} at tensor {tensor}")
-        per_model.append(values)
+                raise MergeError(f"{method.name}: {missing}")
+            found = spec.default
+        return spec.check(found, where)
+
+    global_params = {
+        spec.name: value(spec, global_scopes, f"global parameter {spec.name!r} is missing (tensor {tensor}); "
+                         "add it under 'parameters:'", f"at tensor {tensor}")
+        for spec in method.global_params}
+    per_model = [
+        {spec.name: value(spec, scopes, f"parameter {spec.name!r} is missing for model {ref!r} (tensor "
+                          f"{tensor}); add it to that model's 'parameters:'",
+                          f"of model {ref!r} at tensor {tensor}")
+         for spec in method.model_params}
+        for scopes, ref in zip(scopes_by_input, input_names)]
     return per_model, global_params
 
 
