@@ -37,14 +37,12 @@ export function trialsText(study) {
 
 export function spaceText(spec) {
   const space = (spec && spec.space) || {};
+  // any kind: the kind, then whichever of the common settings its spec has
   const bits = [space.kind || "?"];
-  if (space.kind === "parameter") {
-    if (space.method) bits.push(space.method);
-    if (space.granularity !== undefined) bits.push(`granularity ${space.granularity}`);
-  } else if (space.kind === "stacking") {
-    if (space.repeats !== undefined) bits.push(`repeats ${space.repeats}`);
-    if (space.max_depth !== undefined) bits.push(`depth ≤ ${space.max_depth}`);
-  }
+  if (space.method) bits.push(space.method);
+  if (space.granularity !== undefined) bits.push(`granularity ${space.granularity}`);
+  if (space.repeats !== undefined) bits.push(`repeats ${space.repeats}`);
+  if (space.max_depth !== undefined) bits.push(`depth ≤ ${space.max_depth}`);
   return bits.join(" · ");
 }
 
