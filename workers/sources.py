@@ -53,7 +53,10 @@ class Sources:
     def get(self, key: Key) -> torch.Tensor:
         """The tensor on the device (valid until the next ``release``); refused once, on
         first use, if it holds NaN."""
-        t = self._get(key)
+        return self._checked_once(key, self._get(key))
+
+    def _checked_once(self, key: Key, t: torch.Tensor) -> torch.Tensor:
+        """``t``, refused if it holds NaN the first time ``key`` is given out."""
         if key not in self._checked and t.dtype.is_floating_point:
             check_finite_source(key[0], key[1], t)
             self._checked.add(key)
@@ -152,11 +155,7 @@ class _Staged(Sources):
     def for_merge(self, key: Key) -> torch.Tensor:
         if not self._sliced(key):
             return self.get(key)
-        view = self._host_rows(key)
-        if key not in self._checked and view.dtype.is_floating_point:
-            check_finite_source(key[0], key[1], view)
-            self._checked.add(key)
-        return view
+        return self._checked_once(key, self._host_rows(key))
 
     def _host_rows(self, key: Key) -> torch.Tensor:
         return self.host(key)
