@@ -213,8 +213,15 @@ class SearchSpace(ABC):
         return self._decode(self.genes.values(self.genes.check(point)))
 
     def center(self) -> dict[str, float]:
-        """The middle of the box: the default start of a search."""
+        """The middle of the box."""
         return self.genes.center()
+
+    def start(self) -> dict[str, float] | None:
+        """Where a search starts when its spec gives no ``optimizer.x0`` (gene values): a
+        space declares a natural first candidate here (task arithmetic for a parameter
+        space, the base's own layers for stacking). None: the optimizer's own start
+        (the middle of the box for CMA-ES)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -346,6 +346,24 @@ class LayerStackingSpace(SearchSpace):
             point["depth"] = float(len(layers))
         return point
 
+    def start(self) -> dict[str, float] | None:
+        """The base model's own layers, in order, at scale 1 (its identity path), when the
+        base is a source and the depth bounds allow it: the search starts from the model
+        it grows (PS then DFS: the best parameter-space merge) and adds or drops slots."""
+        spec = self.spec
+        base = model_string(spec.base())
+        own = next((s for s in spec.sources if model_string(s.model) == base), None)
+        if own is None:
+            return None
+        recipe = Recipe(merge_method="passthrough", base_model=base,
+                        slices=[Slice(sources=[SliceSource(model=base, layer_range=(own.layers.start,
+                                                                                  own.layers.stop))])],
+                        **spec.recipe_fields())
+        try:
+            return self.encode(recipe)
+        except RecipeNotInSpace:
+            return None
+
     # ---- description ---------------------------------------------------------------
     def sources(self) -> list[ModelRef]:
         refs: list[ModelRef] = [s.model for s in self.spec.sources]

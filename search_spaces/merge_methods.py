@@ -47,7 +47,10 @@ def find(name: str) -> MethodDeclaration | None:
 # How workers.sparsify restores the mass that sparsification drops.
 RESCALE_MODES = ("l1", "inverse_density")
 
-WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector")
+WEIGHT = ParamSpec("weight", float, help="scale of this model's task vector", start=1.0)
+# A search of task vectors starts at task arithmetic (every weight 1) and may subtract a
+# harmful one or amplify a useful one (bench/search_quality.py measured the range)
+TASK_VECTOR_WEIGHTS = (-0.5, 3.0)
 DENSITY = ParamSpec("density", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
 GAMMA = ParamSpec("gamma", float, 0.01, 0.0, 1.0, help="share of largest entries dropped")
 EPSILON = ParamSpec("epsilon", float, 0.15, 0.0, 0.5, help="spread of keep probabilities")
@@ -81,6 +84,10 @@ def _task_vector(name: str, cls: str, description: str, reference: str, *, norma
         global_params=_task_vector_globals(normalize, rescale), model_params=model_params,
         searchable=("weight", "density"), random=random, trims_by_magnitude=trims_by_magnitude,
         forms_task_vectors=True, chunked=True, fused=not random,
+        search_weight_range=TASK_VECTOR_WEIGHTS,
+        # normalised, the weights only set ratios and the merge never exceeds the mean of the
+        # task vectors: a search adds them (normalize: true stays one setting away)
+        search_parameters={"normalize": False} if normalize else {},
     )
 
 
@@ -104,6 +111,7 @@ for _declaration in (
         reference="https://arxiv.org/abs/2212.04089",
         global_params=_task_vector_globals(normalize=False, rescale=False), model_params=(WEIGHT,),
         searchable=("weight",), forms_task_vectors=True, chunked=True, fused=True,
+        search_weight_range=TASK_VECTOR_WEIGHTS,
     ),
     _task_vector("ties", "Ties",
                  "trim each task vector by magnitude, elect signs, average the agreeing part",
@@ -135,7 +143,8 @@ for _declaration in (
         name="slerp", implementation="workers.methods.slerp:Slerp",
         description="spherical linear interpolation from the base (t=0) to the other model (t=1)",
         reference="https://en.wikipedia.org/wiki/Slerp",
-        global_params=(ParamSpec("t", float, minimum=0.0, maximum=1.0, help="interpolation factor"),),
+        global_params=(ParamSpec("t", float, minimum=0.0, maximum=1.0, start=0.5,
+                                 help="interpolation factor"),),
         searchable=("t",), min_models=1, max_models=1,
     ),
     MethodDeclaration(

@@ -13,7 +13,8 @@ Torch-free: the API process plans and validates studies with these declarations.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -42,10 +43,20 @@ class ParamSpec:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    start: float | None = None  # where a search starts this parameter (None: its default)
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def search_start(self) -> float | None:
+        """Where a search starts: ``start``, else a numeric default, else None (the
+        middle of the searched range)."""
+        if self.start is not None:
+            return self.start
+        numeric = isinstance(self.default, (int, float)) and not isinstance(self.default, bool)
+        return float(self.default) if self.kind is float and numeric else None
 
     def check(self, value: Any, where: str) -> Any:
         """Coerce and validate one resolved value; ``where`` names model and tensor."""
@@ -120,6 +131,11 @@ class MethodDeclaration:
     # registers: it takes big chunks (CHUNK_ELEMENTS); an eager one (random draws, row
     # ranks) takes chunks that its temporaries keep in the CPU's cache
     fused: bool = False
+    # What a parameter-space search of this method uses unless its spec says otherwise:
+    # the range of the weight genes and fixed values of other parameters (a search of
+    # TIES adds the weighted task vectors: normalize off, see docs/search-spaces.md)
+    search_weight_range: tuple[float, float] = (0.0, 1.0)
+    search_parameters: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"merge method {self.name!r}"
@@ -139,6 +155,13 @@ class MethodDeclaration:
             raise ValueError(f"{where}: task vectors need a base")
         if self.min_models < 1 or (self.max_models is not None and self.max_models < self.min_models):
             raise ValueError(f"{where}: min_models {self.min_models}, max_models {self.max_models}")
+        lo, hi = self.search_weight_range
+        if not lo < hi:
+            raise ValueError(f"{where}: search_weight_range {self.search_weight_range} needs low < high")
+        for key, value in self.search_parameters.items():
+            if key not in self.fixed_params:
+                raise ValueError(f"{where}: search_parameters sets {key!r}, which is not a fixed parameter")
+            self.param(key).check(value, "in search_parameters")
 
     def param(self, name: str) -> ParamSpec:
         for spec in (*self.global_params, *self.model_params):
@@ -175,4 +198,6 @@ class MethodDeclaration:
             "chunked": self.chunked,
             "global": [p.describe() for p in self.global_params],
             "per_model": [p.describe() for p in self.model_params],
+            "search_defaults": {"weight_range": list(self.search_weight_range),
+                                "parameters": dict(self.search_parameters)},
         }

@@ -131,6 +131,8 @@ class GeneLayout:
         meta: dict[str, Any] = {"param": param, "scope": "embeddings" if scope == EMB else scope}
         if layers is not None:
             meta["layers"] = layers
+            # one model's parameter in every layer group: a coarse search moves them together
+            meta["tie"] = f"{'' if model is None else source_letter(model)}.{scope}.{param}"
         if model is not None:
             meta["model"] = source_letter(model)
             meta["model_ref"] = model_string(self.spec.models[model])

@@ -128,6 +128,17 @@ class ParameterSpace(SearchSpace):
     def encode(self, recipe: Recipe) -> dict[str, float]:
         return encode_recipe(self.layout, self.genes, recipe)
 
+    def start(self) -> dict[str, float]:
+        """Each parameter where its declaration starts a search (weights 1: task
+        arithmetic; densities at their default 1; slerp's t at 0.5), within the range."""
+        declaration = self.info.declaration
+        point: dict[str, float] = {}
+        for gene in self.genes:
+            first = declaration.param(gene.meta["param"]).search_start
+            value = gene.value(gene.coord_center) if first is None else min(max(first, gene.low), gene.high)
+            point[gene.name] = gene.coord(value)
+        return point
+
     # ---- description ---------------------------------------------------------------
     def sources(self) -> list[ModelRef]:
         return ([self.spec.base_model] if self.spec.base_model is not None else []) + list(self.spec.models)

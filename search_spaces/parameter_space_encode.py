@@ -9,6 +9,7 @@ that shares its gene, and lie within that gene's range.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from search_spaces import param_values as pv
 from search_spaces.base import RecipeNotInSpace
@@ -109,11 +110,23 @@ def check_fixed(layout: GeneLayout, recipe: Recipe) -> None:
     spec = layout.spec
     searched = set(layout.searched_model_params) | set(layout.info.global_params)
     fixed = {k: v for k, v in recipe.parameters.items() if k not in searched}
+    declaration = layout.info.declaration
+
+    def setting_of(given: dict[str, Any], key: str) -> Any:  # unset: the method's default
+        if key in given:
+            return given[key]
+        try:
+            default = declaration.param(key).default
+        except ValueError:
+            return None
+        return None if declaration.param(key).required else default
+
     for key in sorted(set(fixed) | set(spec.parameters)):
-        if fixed.get(key) != spec.parameters.get(key):
+        if setting_of(fixed, key) != setting_of(dict(spec.parameters), key):
             raise RecipeNotInSpace(
-                f"the recipe sets {key}: {fixed.get(key)!r}, the space fixes it to "
-                f"{spec.parameters.get(key)!r}; put the recipe's value in the space's parameters"
+                f"the recipe sets {key}: {setting_of(fixed, key)!r}, the space fixes it to "
+                f"{setting_of(dict(spec.parameters), key)!r}; "
+                "put the recipe's value in the space's parameters"
             )
     for entry in recipe.models or []:
         for key, value in entry.parameters.items():

@@ -123,7 +123,9 @@ class ParameterSpaceSpec(SpaceSpecBase):
         default_factory=lambda: list(DEFAULT_FINAL_NORM_FILTERS), max_length=MAX_FILTERS,
         description="name substrings that identify the final norm (it follows the embedding genes)",
     )
-    weight_range: tuple[Coefficient, Coefficient] = (0.0, 1.0)
+    weight_range: tuple[Coefficient, Coefficient] = Field(
+        default=(0.0, 1.0), description="range of the weight genes (default: the method's; "
+        "[-0.5, 3] for task-vector methods, [0, 1] otherwise)")
     negative_weights: bool = Field(default=False, description="allow weight_range to go below 0")
     search_density: bool = Field(default=True, description="search densities (else fixed or default)")
     density_range: tuple[Coefficient, Coefficient] = (0.1, 1.0)
@@ -132,6 +134,29 @@ class ParameterSpaceSpec(SpaceSpecBase):
         default_factory=dict, max_length=MAX_FILTERS,
         description="fixed method parameters (normalize, lambda, gamma, …)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """What the method declares for a search, where the spec is silent: the weight
+        range (negative weights allowed with it) and fixed parameters (TIES and DELLA:
+        normalize off). A stored spec carries them explicitly, so a later change of the
+        declared defaults never changes a study's space."""
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            return data
+        info = METHODS.get(data["method"])
+        if info is None:
+            return data
+        declaration = info.declaration
+        data = dict(data)
+        if "weight_range" not in data:
+            data["weight_range"] = list(declaration.search_weight_range)
+            if declaration.search_weight_range[0] < 0 and "negative_weights" not in data:
+                data["negative_weights"] = True
+        given = data.get("parameters")
+        if declaration.search_parameters and (given is None or isinstance(given, dict)):
+            data["parameters"] = {**declaration.search_parameters, **(given or {})}
+        return data
 
     @field_validator("method")
     @classmethod

@@ -146,7 +146,7 @@ def test_labels_and_dimension_of_a_32_layer_three_model_space():
     assert labels["C.emb.weight"] == "embeddings, final norm, head · model C · weight"
     gene = space.genes["B.L4-7.density"]
     assert gene.meta == {"param": "density", "scope": "layers", "layers": [4, 7], "model": "B",
-                         "model_ref": "b"}
+                         "model_ref": "b", "tie": "B.layers.density"}
     info = json.loads(json.dumps(space.describe()))  # plain JSON for the API and dashboard
     assert info["dimension"] == 54 and info["models"] == {"A": "a", "B": "b", "C": "c"}
     assert "8 layer groups of 4 layers" in info["summary"]
@@ -202,7 +202,8 @@ def test_hand_made_recipe_encodes_to_an_equivalent_point():
 )
 def test_recipes_the_space_cannot_express_are_refused_with_the_reason(change, message):
     space = build_space({"kind": "parameter", "method": "ties", "base_model": "base",
-                         "models": ["m1", "m2"], "num_layers": 4, "granularity": 2})
+                         "models": ["m1", "m2"], "num_layers": 4, "granularity": 2,
+                         "weight_range": [0.0, 1.0], "parameters": {"normalize": True}})
     recipe = {"merge_method": "ties", "base_model": "base",
               "models": [{"model": "m1", "parameters": {"weight": 0.5}},
                          {"model": "m2", "parameters": {"weight": 0.5}}], **change}

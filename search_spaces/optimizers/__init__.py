@@ -52,7 +52,8 @@ def create_optimizer(
     Optuna-based optimizers keep their state in ``storage`` (an Optuna storage or URL;
     in memory when None) under ``study_name``: a new optimizer on the same study
     continues it. ``cma`` keeps its own state: pass the bytes of its last ``state()``
-    to continue. ``spec.x0`` (a recipe) is encoded by the space.
+    to continue. ``spec.x0`` (a recipe) is encoded by the space; without it a space's
+    own :meth:`~search_spaces.base.SearchSpace.start` is the start.
     """
     from search_spaces.base import SearchSpace
 
@@ -64,6 +65,8 @@ def create_optimizer(
         if not isinstance(space, SearchSpace):
             raise OptimizerError("x0 is a recipe: pass the search space (it encodes the recipe)")
         x0 = space.encode(spec.x0)
+    elif isinstance(space, SearchSpace):
+        x0 = space.start()
     return get(spec.name).create(spec, genes, x0, storage=storage, study_name=study_name, state=state)
 
 

@@ -76,9 +76,20 @@ class _State:
     budget_large: int = 0
     budget_small: int = 0
     regime: str = "large"
+    phase: str = "fine"  # "coarse": the strategy searches one coordinate per tie group
+    coarse_told: int = 0
     counts: dict[str, int] = field(
         default_factory=lambda: {"told": 0, "failed": 0, "late_used": 0, "late_dropped": 0, "updates": 0}
     )
+
+
+def tie_groups(genes: GeneSet) -> list[list[int]]:
+    """Gene indices grouped by ``meta["tie"]`` (genes a coarse search moves together,
+    such as one model's weight in every layer group); an untied gene is its own group."""
+    groups: dict[str, list[int]] = {}
+    for i, gene in enumerate(genes):
+        groups.setdefault(str(gene.meta.get("tie", f"\0{gene.name}")), []).append(i)
+    return list(groups.values())
 
 
 @register
@@ -86,7 +97,8 @@ class PyCma(Optimizer):
     """pycma CMA-ES with optional IPOP / BIPOP restarts and byte-exact state."""
 
     names: ClassVar[tuple[str, ...]] = ("cma",)
-    known_options = frozenset({"restarts", "max_restarts", "late_results", "incpopsize", "diagonal"})
+    known_options = frozenset({"restarts", "max_restarts", "late_results", "incpopsize", "diagonal",
+                               "coarse_to_fine", "coarse_evaluations"})
     persistence = "state"  # state(): the pickled strategy, saved with every ask and tell
     trials_per_gene = 10
     budget_note = "CMA-ES needs on the order of 10–30 × d evaluations"
@@ -110,6 +122,8 @@ class PyCma(Optimizer):
         self.incpopsize = option(spec, "incpopsize", 2.0, float, 1.0, 10.0)
         if spec.population_size is not None and spec.population_size < 4:
             raise OptimizerError("cma needs population_size >= 4 (or leave it unset for pycma's default)")
+        self.ties = tie_groups(genes) if option(spec, "coarse_to_fine", False, bool) else []
+        self.coarse_evaluations = option(spec, "coarse_evaluations", 0, int, 0, 1_000_000)
         if state is not None:
             self._st = self._restore(state)
             return
@@ -117,6 +131,9 @@ class PyCma(Optimizer):
         self._st = _State(genes=genes.names, spec=self._spec_key(), es=None,
                           rng=np.random.Generator(np.random.PCG64(seeds.spawn(1)[0])))
         z0 = genes.normalize(self.x0) if self.x0 is not None else np.full(len(genes), 0.5)
+        if self.ties and len(self.ties) < len(genes):  # some genes tied: search their groups first
+            self._st.phase = "coarse"
+            z0 = np.array([z0[g].mean() for g in self.ties])
         self._st.es = self._new_es(z0, spec.sigma0 or DEFAULT_SIGMA0, spec.population_size)
         self._st.default_popsize = self._st.large_popsize = self._st.es.popsize
 
@@ -193,6 +210,26 @@ class PyCma(Optimizer):
         st.es = self._new_es(z0, sigma0, popsize)
         st.results.clear()
 
+    def _coarse_budget(self) -> int:
+        """Evaluations of the coarse phase: ``options.coarse_evaluations``, else 20 per
+        tie group (CMA-ES on a few coordinates has mostly converged by then)."""
+        return self.coarse_evaluations or 20 * len(self.ties)
+
+    def _refine(self) -> None:
+        """From the coarse phase to every gene: a new run whose mean is the coarse
+        strategy's favourite, expanded, and whose step is what the coarse run had left
+        (at least a tenth of the initial one), so the fine search starts local."""
+        st = self._st
+        es = st.es
+        start = self._expand(np.asarray(es.result.xfavorite, dtype=float))
+        sigma0 = self.spec.sigma0 or DEFAULT_SIGMA0
+        sigma = float(min(max(es.sigma, 0.1 * sigma0), sigma0))
+        st.phase = "fine"
+        st.run += 1
+        st.es = self._new_es(start, sigma, self.spec.population_size)
+        st.default_popsize = st.large_popsize = st.es.popsize
+        st.results.clear()
+
     # ---- ask / tell ----------------------------------------------------------------
     def _ask_one(self) -> Point:
         st = self._st
@@ -202,8 +239,18 @@ class PyCma(Optimizer):
         pid = st.next_id
         st.next_id += 1
         st.pending[pid] = (st.run, st.es.countiter, x)
-        return Point(id=pid, params=self.genes.denormalize(x),
-                     info={"generation": st.es.countiter, "run": st.run})
+        return Point(id=pid, params=self.genes.denormalize(self._expand(x)),
+                     info={"generation": st.es.countiter, "run": st.run, "phase": st.phase})
+
+    def _expand(self, x: np.ndarray) -> np.ndarray:
+        """A point of the strategy as a point of every gene (coarse: each tie group's
+        coordinate copied to its genes)."""
+        if self._st.phase != "coarse":
+            return x
+        z = np.empty(len(self.genes))
+        for k, members in enumerate(self.ties):
+            z[members] = x[k]
+        return z
 
     def _sample(self) -> list[np.ndarray]:
         with warnings.catch_warnings():
@@ -230,6 +277,8 @@ class PyCma(Optimizer):
             st.budget_large += 1
         else:
             st.budget_small += 1
+        if st.phase == "coarse":
+            st.coarse_told += 1
         if len(st.results) >= st.es.popsize:
             self._update()
 
@@ -243,7 +292,9 @@ class PyCma(Optimizer):
             st.es.tell(xs, fs, check_points=late or None)
         st.results.clear()
         st.counts["updates"] += 1
-        if self.restarts != "none" and st.run < self.max_restarts and st.es.stop():
+        if st.phase == "coarse" and (st.es.stop() or st.coarse_told >= self._coarse_budget()):
+            self._refine()
+        elif self.restarts != "none" and st.run < self.max_restarts and st.es.stop():
             self._restart()
         # Unsent candidates came from the old distribution: replace them with the new
         # generation's. (Sampling right away also lets pycma accept the next tell even if
