@@ -49,7 +49,9 @@ def fill_space_spec(spec: StudySpec, sources: list[Model], base: Model | None,
         problems.add(["space", "kind"], f"space kind {kind!r} is not supported by the service",
                      f"use kind: {' or kind: '.join(sorted(DERIVED_FIELDS))}", "unknown_space_kind")
         return None
-    data = form.model_dump(exclude={*DERIVED_FIELDS[kind], "layer_ranges"})
+    # what the user wrote: the space spec fills in its own defaults (some depend on the method)
+    data = form.model_dump(exclude={*DERIVED_FIELDS[kind], "layer_ranges"}, exclude_unset=True)
+    data.setdefault("kind", kind)
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):
         if tok in aliases:
