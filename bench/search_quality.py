@@ -1,22 +1,23 @@
-"""How well the search finds a merge: the demo study over several seeds and optimizers.
+"""How well the search finds a merge without tuning: the zoo family × named specs × seeds.
 
-For each optimizer and seed this runs the demo study (``service.spec.DEMO_EXAMPLE``:
-per-layer TIES over the zoo's two experts, the target task ``zoo_xl_add`` as the
-objective) with the service's own parts — spec validation, search space, optimizer,
-and the worker's ``TrialRunner`` (in-memory candidate + the lm-eval adapter) — in this
-process, without Ray or the database, so that only the search is measured. Trials are
-asked two at a time (the demo's parallelism) and told as they finish.
+For each zoo variant (``evomerge zoo build --variant NAME``), each named spec and each
+seed, this runs a study with the service's own parts — spec validation, search space,
+optimizer, and the worker's ``TrialRunner`` (in-memory candidate + the lm-eval adapter)
+— in this process, without Ray or the database, so that only the search is measured.
+Trials are asked two at a time (the demo's parallelism) and told as they finish. At the
+end the top 3 trials by search score are re-scored on the held-out split and the best
+of those by search score is the evolved merge.
 
-At the end the top 3 trials by search score are re-scored on the held-out split
-(``zoo_xl_add_heldout``) and the best of those by search score is the evolved merge.
+Named specs (``SPECS``): ``default`` is what a user gets by naming only the method;
+the others are tuned alternatives, random search, and layer stacking. ``--space`` and
+``--optimizer`` (JSON) add a ``custom`` spec for exploring.
 
-Prints, per optimizer: mean ± spread (min–max) of the held-out score of the evolved merge,
-of its search score, and of the trials needed to reach 90 % of the final best search
-score; then the source models and simple merges on both splits; optionally a
-layer-stacking study (``--stacking``).
+Prints, per variant and spec: held-out mean (min–max) of the evolved merge, its search
+score, and the trials needed to reach 90 % of the final best search score; then the
+sources and the baselines on both splits.
 
-    .venv/bin/python bench/search_quality.py                    # 3 seeds × 4 optimizers, 300 trials
-    .venv/bin/python bench/search_quality.py --trials 100 --seeds 0 --optimizers optuna-cmaes
+    .venv/bin/python bench/search_quality.py                  # every variant, 3 seeds, 300 trials
+    .venv/bin/python bench/search_quality.py --variants two-experts --specs default random --seeds 0
 """
 
 from __future__ import annotations
@@ -32,25 +33,55 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-OPTIMIZERS = ["optuna-cmaes", "cma", "optuna-tpe", "random"]
+# name -> (space fields over {"kind": "parameter"}, optimizer fields); "{method}" is --method
+SPECS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "default": ({"method": "{method}"}, {}),
+    "random": ({"method": "{method}"}, {"name": "random"}),
+    "demo-tuned": ({"method": "ties", "granularity": 1, "weight_range": [0.0, 2.0], "search_density": False,
+                    "parameters": {"density": 1.0, "normalize": False}}, {}),
+    "ta-per-layer": ({"method": "task_arithmetic", "granularity": 1, "weight_range": [0.0, 2.0]}, {}),
+    "ties-wide": ({"method": "ties", "granularity": 1, "weight_range": [-0.5, 3.0], "negative_weights": True,
+                   "parameters": {"normalize": False}}, {"sigma0": 0.1}),
+    "pycma-tuned": ({"method": "ties", "granularity": 1, "weight_range": [0.0, 2.0], "search_density": False,
+                     "parameters": {"density": 1.0, "normalize": False}}, {"name": "cma"}),
+}
+STACKING = ("stacking", "ps-dfs")
 
 
-def demo_spec(method: str | None, granularity: int, trials: int, seed: int, optimizer: str,
-              space: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The demo study; ``method`` None keeps the demo's space (with ``extra`` fields over it)."""
-    from service.spec import DEMO_EXAMPLE
+def variant_facts(name: str) -> dict[str, Any]:
+    """The zoo variant's models, target and task folder (its registry's declaration)."""
+    from workers.zoo.variants import get_variant
 
-    spec = copy.deepcopy(DEMO_EXAMPLE)
-    if space is not None:
-        spec["space"] = space
-    elif method is not None:
-        spec["space"] = {"kind": "parameter", "method": method, "granularity": granularity, **(extra or {})}
-    else:
-        spec["space"].update(extra or {})
-    spec["optimizer"] = {"name": optimizer}
-    spec["budget"] = {"max_trials": trials}
-    spec["seed"] = seed
-    return spec
+    v = get_variant(name)
+    return {"name": v.name, "models": list(v.models), "target": v.target_task, "heldout": v.heldout_task,
+            "task_dir": f"evomerge:{v.task_folder}", "stack": list(v.stack) or list(v.models[1:])}
+
+
+def study_spec(facts: dict[str, Any], folder: str, space: dict[str, Any], optimizer: dict[str, Any],
+               trials: int, seed: int) -> dict[str, Any]:
+    """A study over the variant's experts (every model but the base)."""
+    base, *experts = facts["models"]
+    return {
+        "name": f"{facts['name']}: search quality",
+        "sources": [f"{folder}/{m}" for m in experts],
+        "base_model": f"{folder}/{base}",
+        "space": copy.deepcopy(space),
+        "evaluation": {"evaluator": "lm_eval",
+                       "objectives": [{"task": facts["target"], "metric": "exact_match", "limit": 200}],
+                       "options": {"task_dirs": [facts["task_dir"]]}},
+        "heldout": {"top_k": 3, "tasks": {facts["target"]: facts["heldout"]}},
+        "optimizer": {"seed": seed, **optimizer},
+        "budget": {"max_trials": trials},
+        "parallelism": 2,
+        "seed": seed,
+    }
+
+
+def named_spec(name: str, method: str, custom: tuple[dict[str, Any], dict[str, Any]] | None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    space, optimizer = custom if name == "custom" and custom else SPECS[name]
+    space = {"kind": "parameter", **{k: (method if v == "{method}" else v) for k, v in space.items()}}
+    return space, dict(optimizer)
 
 
 class Study:
@@ -128,66 +159,76 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
+def run_variant(args: argparse.Namespace, name: str, custom: Any) -> dict[str, Any]:
     from service.settings import get_settings
     from workers.zoo.build import build_zoo
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS)
-    parser.add_argument("--method", default=None, help="another method (default: the demo's space)")
-    parser.add_argument("--granularity", type=int, default=1, help="with --method")
-    parser.add_argument("--space", type=json.loads, default=None,
-                        help='extra space fields as JSON, e.g. \'{"parameters": {"normalize": false}}\'')
-    parser.add_argument("--stacking", action="store_true", help="also run a layer-stacking study")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure here too")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-
-    zoo = build_zoo(None, seed=0, log=None)
+    facts = variant_facts(name)
+    zoo = build_zoo(None, seed=0, variant=name, log=None)
     settings = get_settings(model_roots=[str(zoo.root.parent)], data_dir=Path("/tmp/evomerge-bench"))
     runners: dict[str, Any] = {}
     results: dict[str, list[dict[str, Any]]] = {}
-    shown = demo_spec(args.method, args.granularity, args.trials, 0, "-", extra=args.space)["space"]
-    print(f"demo study: space {json.dumps(shown)}, {args.trials} trials, seeds {args.seeds}; zoo {zoo.root}",
+    print(f"\n## {name}: {zoo.root}, target {facts['target']}, {args.trials} trials, seeds {args.seeds}",
           flush=True)
-    for name in args.optimizers:
+    for spec_name in args.specs:
         for seed in args.seeds:
-            spec = demo_spec(args.method, args.granularity, args.trials, seed, name, extra=args.space)
-            study = Study(spec, settings, runners)
-            r = study.run(args.trials)
-            results.setdefault(name, []).append(r)
-            print(f"  {name:13s} seed {seed}: held-out {r['heldout']:.3f}  search {r['search']:.3f}  "
+            if spec_name in STACKING:
+                space = {"kind": "stacking", "repeats": args.repeats, "encoding": args.encoding,
+                         "scales": {"search": not args.fixed_scales}}
+                optimizer = {}
+            else:
+                space, optimizer = named_spec(spec_name, args.method, custom)
+            spec = study_spec(facts, zoo.root.name, space, optimizer, args.trials, seed)
+            if spec_name in STACKING:  # the variant's stack, in slot order, grown from its last model
+                spec["sources"] = [f"{zoo.root.name}/{m}" for m in facts["stack"]]
+                spec["base_model"] = spec["sources"][-1]
+            r = Study(spec, settings, runners).run(args.trials)
+            results.setdefault(spec_name, []).append(r)
+            print(f"  {spec_name:13s} seed {seed}: held-out {r['heldout']:.3f}  search {r['search']:.3f}  "
                   f"(trial {r['trial']}, 90 % after {r['reach90']})  {r['seconds']:.0f} s", flush=True)
-
-    print("\nheld-out target score of the evolved merge (mean (min–max) over seeds):")
-    print(f"{'optimizer':13s}  {'held-out':22s}  {'search':22s}  trials to 90 %")
-    for name, rs in results.items():
+    print(f"\n{name}: held-out target score of the evolved merge (mean (min–max) over seeds):")
+    print(f"{'spec':13s}  {'held-out':22s}  {'search':22s}  trials to 90 %")
+    for spec_name, rs in results.items():
         held, search = spread([r["heldout"] for r in rs]), spread([r["search"] for r in rs])
-        print(f"{name:13s}  {held:22s}  {search:22s}  {spread([float(r['reach90']) for r in rs])}")
-    spec = demo_spec(args.method, args.granularity, args.trials, 0, args.optimizers[0], extra=args.space)
-    study = Study(spec, settings, runners)
-    base = baselines(study)
-    print("\nreferences (search / held-out):")
-    for name, s, h in base:
-        print(f"  {name:32s} {s:.3f} / {h:.3f}")
-    out: dict[str, Any] = {"args": vars(args) | {"json": None}, "results": results,
-                           "baselines": [{"name": n, "search": s, "heldout": h} for n, s, h in base]}
-    if args.stacking:
-        space = {"kind": "stacking", "repeats": 2}
-        for seed in args.seeds:
-            spec = demo_spec("passthrough", 1, args.trials, seed, "optuna-cmaes", space)
-            st = Study(spec, settings, runners)
-            r = st.run(args.trials)
-            out.setdefault("stacking", []).append(r)
-            print(f"  stacking (optuna-cmaes) seed {seed}: held-out {r['heldout']:.3f}  "
-                  f"search {r['search']:.3f}  {r['seconds']:.0f} s", flush=True)
+        print(f"{spec_name:13s}  {held:22s}  {search:22s}  {spread([float(r['reach90']) for r in rs])}")
+    space, optimizer = named_spec("default", args.method, None)
+    refs = baselines(Study(study_spec(facts, zoo.root.name, space, optimizer, 1, 0), settings, runners))
+    print("references (search / held-out):")
+    for ref, srch, held in refs:
+        print(f"  {ref:40s} {srch:.3f} / {held:.3f}")
+    return {"results": results, "baselines": [{"name": n, "search": a, "heldout": b} for n, a, b in refs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from workers.zoo.variants import VARIANTS
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--specs", nargs="+", default=["default", "demo-tuned", "ties-wide", "random"],
+                        choices=[*SPECS, *STACKING, "custom"])
+    parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--method", default="ties", help="the method the default and random specs name")
+    parser.add_argument("--space", type=json.loads, default=None,
+                        help="the custom spec's space fields (JSON)")
+    parser.add_argument("--optimizer", type=json.loads, default={},
+                        help="the custom spec's optimizer (JSON)")
+    parser.add_argument("--repeats", type=int, default=2, help="the stacking spec's repeats")
+    parser.add_argument("--encoding", default="segments", help="the stacking spec's encoding")
+    parser.add_argument("--fixed-scales", action="store_true", help="the stacking spec searches no scales")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here too")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    custom = (args.space, args.optimizer) if args.space is not None else None
+    if "custom" in args.specs and custom is None:
+        parser.error("the custom spec needs --space")
+    out = {name: run_variant(args, name, custom) for name in args.variants}
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2, default=str))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, "variants": out},
+                                        indent=2, default=str))
     return 0
 
 

@@ -16,6 +16,8 @@ Encodings (both continuous, so CMA-ES and TPE search them directly):
 - ``ranked``: one priority per slot plus a ``depth`` gene; the ``round(depth)`` slots
   of highest priority are included. Every point is feasible without repair and the
   depth is searched explicitly, at the price of coupling all slots through the ranking.
+- ``segments``: one contiguous run of layers per source and repeat (a first layer, a
+  length and a scale): mergekit's slices as genes (:mod:`search_spaces.stacking_segments`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from search_spaces.genes import Gene, Transform
 from search_spaces.recipe import Recipe, Slice, SliceSource
 from search_spaces.registry import register_space
 from search_spaces.sources import ModelRef, model_string, source_letter
+from search_spaces.stacking_segments import Segment, runs, segments
 
 MAX_LAYERS = 100_000
 MAX_REPEATS = 16
@@ -80,7 +83,8 @@ class ScaleSpec(BaseModel):
     """Per-slot scales of the residual contribution."""
 
     model_config = ConfigDict(extra="forbid")
-    search: bool = Field(default=True, description="search a scale per slot (else every scale is 1)")
+    search: bool = Field(default=False, description="search a scale per slot or segment (default: every "
+                         "scale is 1; searched scales drowned the search in bench/search_quality.py)")
     low: float = Field(default=0.5, ge=-MAX_SCALE, le=MAX_SCALE)
     high: float = Field(default=1.5, ge=-MAX_SCALE, le=MAX_SCALE)
     transform: Transform = Field(default="identity", description="'log' searches the scale's logarithm")
@@ -106,7 +110,9 @@ class StackingSpaceSpec(SpaceSpecBase):
     base_model: ModelRef | None = Field(
         default=None, description="owner of embeddings, final norm and head (default: the first source)"
     )
-    encoding: Literal["threshold", "ranked"] = "threshold"
+    encoding: Literal["threshold", "ranked", "segments"] = Field(
+        default="segments", description="segments: one run of layers per source and repeat (default); "
+        "threshold: an include gene per slot; ranked: a priority per slot and a depth")
     scales: ScaleSpec = Field(default_factory=ScaleSpec)
 
     @model_validator(mode="after")
@@ -207,10 +213,41 @@ class LayerStackingSpace(SearchSpace):
 
     def planned_dimension(self) -> int:
         per_slot = 2 if self.spec.scales.search else 1
+        if self.spec.encoding == "segments":
+            return len(self.segments()) * (per_slot + 1)
         return self.spec.num_slots * per_slot + int(self.spec.encoding == "ranked")
+
+    def segments(self) -> list[Segment]:
+        return segments([s.layers for s in self.spec.sources], self.spec.repeats)
+
+    def segment_gene(self, k: int, role: str) -> str:
+        """The name of segment k's gene: role is first, count or scale."""
+        width = len(str(len(self.segments()) - 1))
+        return f"g{k:0{width}d}.{role}"
+
+    def _declare_segments(self) -> list[Gene]:
+        spec = self.spec
+        genes: list[Gene] = []
+        for seg in self.segments():
+            n = len(seg.layers)
+            where = (f"segment {seg.index} · model {source_letter(seg.source)} layers "
+                     f"{seg.layers.start}–{seg.layers.stop - 1} · repeat {seg.repeat + 1}")
+            meta = {"segment": seg.index, "model": source_letter(seg.source),
+                    "model_ref": model_string(spec.sources[seg.source].model), "repeat": seg.repeat}
+            genes.append(Gene(name=self.segment_gene(seg.index, "first"), low=0.0, high=float(n),
+                              label=f"{where} · first layer", meta={**meta, "param": "first"}))
+            genes.append(Gene(name=self.segment_gene(seg.index, "count"), low=0.0, high=float(n),
+                              label=f"{where} · layers taken", meta={**meta, "param": "count"}))
+            if spec.scales.search:
+                genes.append(Gene(name=self.segment_gene(seg.index, "scale"), low=spec.scales.low,
+                                  high=spec.scales.high, transform=spec.scales.transform,
+                                  label=f"{where} · scale", meta={**meta, "param": "scale"}))
+        return genes
 
     def _declare(self) -> list[Gene]:
         spec = self.spec
+        if spec.encoding == "segments":
+            return self._declare_segments()
         genes: list[Gene] = []
         role = "include" if spec.encoding == "threshold" else "priority"
         for slot in self.slots():
@@ -257,11 +294,25 @@ class LayerStackingSpace(SearchSpace):
             chosen.difference_update(weakest[: len(chosen) - hi])
         return sorted(chosen)
 
+    def _segment_runs(self, values: dict[str, float]) -> list[tuple[str, int, int, float | None]]:
+        spec, segs = self.spec, self.segments()
+        chosen = runs(segs, [values[self.segment_gene(s.index, "first")] for s in segs],
+                      [values[self.segment_gene(s.index, "count")] for s in segs], spec.depth_bounds)
+        out: list[tuple[str, int, int, float | None]] = []
+        for k, offset, count in chosen:
+            seg = segs[k]
+            a = seg.layers.start + offset
+            scale = values[self.segment_gene(k, "scale")] if spec.scales.search else None
+            out.append((model_string(spec.sources[seg.source].model), a, a + count, scale))
+        return out
+
     def _decode(self, values: dict[str, float]) -> Recipe:
         spec = self.spec
         slots = self.slots()
         runs: list[tuple[str, int, int, float | None]] = []  # model, start, end, scale
-        for k in self.chosen_slots(values):
+        if spec.encoding == "segments":
+            runs = self._segment_runs(values)
+        for k in (self.chosen_slots(values) if spec.encoding != "segments" else []):
             slot = slots[k]
             model = model_string(spec.sources[slot.source].model)
             scale = values[self.gene_name(k, "scale")] if spec.scales.search else None
@@ -306,12 +357,56 @@ class LayerStackingSpace(SearchSpace):
             layers += [(src.model, layer, scale) for layer in range(*src.layer_range)]
         return layers
 
+    def _encode_segments(self, layers: list[tuple[str, int, float]]) -> dict[str, float]:
+        """Each maximal run of consecutive layers of one model at one scale goes to the
+        next segment of that model, in slot order."""
+        spec, segs = self.spec, self.segments()
+        models = [model_string(s.model) for s in spec.sources]
+        run_list: list[list[Any]] = []  # model, first layer, end, scale
+        for model, layer, scale in layers:
+            last = run_list[-1] if run_list else None
+            if last and last[0] == model and last[2] == layer and last[3] == scale:
+                last[2] = layer + 1
+            else:
+                run_list.append([model, layer, layer + 1, scale])
+        point: dict[str, float] = {}
+        for seg in segs:  # left out unless a run is put there
+            point[self.segment_gene(seg.index, "first")] = 0.5
+            point[self.segment_gene(seg.index, "count")] = 0.0
+            if spec.scales.search:
+                gene = self.genes[self.segment_gene(seg.index, "scale")]
+                neutral = 1.0 if gene.low <= 1.0 <= gene.high else gene.value(gene.coord_center)
+                point[gene.name] = gene.coord(neutral)
+        k = 0
+        for i, (model, a, b, scale) in enumerate(run_list):
+            while k < len(segs) and not (models[segs[k].source] == model and a in segs[k].layers
+                                         and b <= segs[k].layers.stop):
+                k += 1
+            if k == len(segs):
+                raise RecipeNotInSpace(
+                    f"run {i} ({model!r} layers {a}–{b - 1}) has no segment after the previous run's: the "
+                    f"recipe's runs are not in the order of the {len(segs)} segments (sources {models} "
+                    f"repeated {spec.repeats}×); raise repeats or add the source")
+            if spec.scales.search and not spec.scales.low <= scale <= spec.scales.high:
+                raise RecipeNotInSpace(f"run {i} has scale {scale}, outside the space's "
+                                       f"[{spec.scales.low}, {spec.scales.high}]")
+            if not spec.scales.search and scale != 1.0:
+                raise RecipeNotInSpace(f"run {i} has scale {scale}; this space searches no scales")
+            point[self.segment_gene(k, "first")] = a - segs[k].layers.start + 0.5
+            point[self.segment_gene(k, "count")] = float(b - a)
+            if spec.scales.search:
+                point[self.segment_gene(k, "scale")] = self.genes[self.segment_gene(k, "scale")].coord(scale)
+            k += 1
+        return point
+
     def encode(self, recipe: Recipe) -> dict[str, float]:
         spec = self.spec
         layers = self._layers_of(recipe)
         lo, hi = spec.depth_bounds
         if not lo <= len(layers) <= hi:
             raise RecipeNotInSpace(f"the recipe has {len(layers)} layers; the space allows {lo}–{hi}")
+        if spec.encoding == "segments":
+            return self._encode_segments(layers)
         slots = self.slots()
         models = [model_string(s.model) for s in spec.sources]
         chosen: dict[int, float] = {}

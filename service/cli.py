@@ -81,6 +81,27 @@ def _add_client_commands(sub: Any) -> None:
     p.set_defaults(func=client.cmd_delete)
 
 
+def _add_zoo_commands(sub: Any) -> None:
+    from workers.zoo.variants import DEFAULT, VARIANTS  # declarations only, no torch
+
+    zoo = sub.add_parser("zoo", help="the demo zoo family: tiny models to merge, built locally")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    listed = "\n".join(f"  {name:12s} {v.summary}" for name, v in VARIANTS.items())
+    raw = argparse.RawDescriptionHelpFormatter
+    p = zoo_sub.add_parser("build", help="build (or reuse) a zoo and print its scores",
+                           epilog=f"variants:\n{listed}", formatter_class=raw)
+    p.add_argument("--variant", default=DEFAULT, choices=list(VARIANTS), metavar="NAME",
+                   help=f"which zoo of the family (default {DEFAULT}; the variants are listed below)")
+    p.add_argument("--out", default=None, help="folder (default: ~/.cache/evomerge/zoo/...)")
+    p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="shorten training (tests use < 1)")
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=engine.cmd_zoo_build)
+    p = zoo_sub.add_parser("list", help="the zoo variants: models, target task, what each is for")
+    p.set_defaults(func=engine.cmd_zoo_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge", description="Evolutionary search for model-merge recipes."
@@ -110,16 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=engine.cmd_methods)
 
-    zoo = sub.add_parser("zoo", help="the demo zoo: tiny models to merge, built locally")
-    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
-    p = zoo_sub.add_parser("build", help="build (or reuse) the demo zoo and print its scores")
-    p.add_argument("--out", default=None, help="folder (default: ~/.cache/evomerge/zoo/...)")
-    p.add_argument("--seed", type=int, default=0, help="zoo seed (default 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="shorten training (tests use < 1)")
-    p.add_argument("--force", action="store_true", help="rebuild even when cached")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=engine.cmd_zoo_build)
-
+    _add_zoo_commands(sub)
     url_help = "database URL (default: EVOMERGE_DATABASE_URL, else sqlite under EVOMERGE_DATA_DIR)"
     p = sub.add_parser("migrate", help="bring the database schema up to date (a one-shot deployment step)")
     p.add_argument("--database-url", default=None, help=url_help)

@@ -1,4 +1,4 @@
-"""``evomerge merge``, ``methods`` and ``zoo build``: the merge engine run locally, no server.
+"""``evomerge merge``, ``methods`` and ``zoo build`` / ``zoo list``: the merge engine run locally, no server.
 
 These need the worker extra (torch, transformers); each imports it inside the command so
 that ``evomerge --help`` and the client commands work on an API-only install.
@@ -60,13 +60,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from workers.zoo.build import build_zoo
+    from workers.zoo.variants import get_variant
 
-    zoo = build_zoo(args.out, seed=args.seed, scale=args.scale, force=args.force,
+    variant = get_variant(args.variant)
+    zoo = build_zoo(args.out, seed=args.seed, scale=args.scale, force=args.force, variant=variant.name,
                     log=None if args.quiet else print)
-    print(f"zoo (seed {zoo.seed}) at {zoo.root}, built in {zoo.seconds:.0f} s")
+    print(f"zoo {variant.name} (seed {zoo.seed}) at {zoo.root}, built in {zoo.seconds:.0f} s")
     for name, path in zoo.models.items():
-        print(f"  {name:9s} {path}")
-    print("\nexact match of each source model on every zoo task "
-          "(the target is zoo_xl_add / zoo_xl_add_heldout):")
+        print(f"  {name:10s} {path}")
+    print(f"\nexact match of each source model on every zoo task of evomerge:{variant.task_folder} "
+          f"(the target is {variant.target_task} / {variant.heldout_task}):")
     print(zoo.table())
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from workers.zoo.variants import DEFAULT, VARIANTS
+
+    for name, v in VARIANTS.items():
+        print(f"{name}{' (default)' if name == DEFAULT else ''}: {v.summary}")
+        print(f"  models: {', '.join(v.models)}")
+        print(f"  target: {v.target_task} (held-out: {v.heldout_task}), tasks: evomerge:{v.task_folder}")
     return 0

@@ -68,7 +68,7 @@ def test_stacking_starts_from_the_base_models_own_layers():
     recipe = space.decode(space.start())
     slices = [(s.sources[0].model, tuple(s.sources[0].layer_range), s.sources[0].scale)
               for s in recipe.slices]
-    assert slices == [("ps", (0, 4), 1.0)]
+    assert slices == [("ps", (0, 4), None)]  # the default searches no scales
     without_base = build_space({"kind": "stacking", "base_model": "ps", "repeats": 1,
                                 "sources": [{"model": "x", "num_layers": 4}]})
     assert without_base.start() is None

@@ -20,6 +20,10 @@ from workers.model_io import LazyModel
 from workers.plan import build_plan
 from workers.synthetic import read_config
 
+# the stacking space before the segments encoding became its default: an include bit and a
+# scale per slot (what these tests exercise)
+DFS0 = {"encoding": "threshold", "scales": {"search": True}}
+
 
 def distinct_point(space) -> dict[str, float]:
     """Every gene a different value, so a value tells which gene it came from."""
@@ -89,7 +93,7 @@ def test_decoded_ps_recipe_merges_with_evomerge_merge_and_loads(family, tmp_path
 def test_decoded_dfs_recipe_merges_and_loads_with_its_depth_and_scales(family, tmp_path):
     base, experts = family("llama")
     space = build_space({
-        "kind": "stacking", "repeats": 2, "min_depth": 3, "max_depth": 5, "base_model": str(base),
+        "kind": "stacking", **DFS0, "repeats": 2, "min_depth": 3, "max_depth": 5, "base_model": str(base),
         "sources": [{"model": str(experts[0]), "num_layers": 2}, {"model": str(experts[1]), "num_layers": 2}],
     })
     point = distinct_point(space)
@@ -118,7 +122,7 @@ def test_ps_then_dfs_chains_through_a_study_reference(family, tmp_path):
                       "models": [str(e) for e in experts], "num_layers": 2})
     ps_model = evomerge_merge(ps.decode(ps.center()), tmp_path, "ps-best")  # the PS study's best
     dfs = build_space({
-        "kind": "stacking", "repeats": 1,
+        "kind": "stacking", **DFS0, "repeats": 1,
         "sources": [{"model": {"study": "ps-1", "trial": "best"}, "num_layers": 2},
                     {"model": str(experts[1]), "num_layers": 2}],
     })

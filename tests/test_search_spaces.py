@@ -25,6 +25,10 @@ from search_spaces.recipe import Recipe
 from search_spaces.registry import build_space, kinds, parse_space_spec, space_spec_type
 from search_spaces.sources import StudyRef, parse_placeholder, resolve_sources, study_refs
 
+# the stacking space before the segments encoding became its default: an include bit and a
+# scale per slot (what these tests exercise)
+DFS0 = {"encoding": "threshold", "scales": {"search": True}}
+
 REPO = Path(__file__).resolve().parents[1]
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -279,7 +283,7 @@ def dfs_specs(draw):
     if draw(st.booleans()):
         sources[0]["model"] = {"study": "ps-1", "trial": "best"}
     return {
-        "kind": "stacking",
+        "kind": "stacking", **DFS0,
         "sources": sources,
         "repeats": repeats,
         "min_depth": lo,
@@ -309,7 +313,7 @@ def test_every_dfs_point_decodes_within_the_depth_constraints_and_encodes_back(s
 
 
 def test_dfs_slots_follow_the_paper_and_labels_name_them():
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 32},
+    space = build_space({"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 32},
                                                          {"model": "b", "num_layers": 32}],
                          "repeats": 3})
     assert space.spec.num_slots == 192 and space.dimension == 384
@@ -321,7 +325,8 @@ def test_dfs_slots_follow_the_paper_and_labels_name_them():
 
 
 def test_dfs_threshold_decoding_repairs_depth_deterministically():
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 4}], "repeats": 2,
+    space = build_space({"kind": "stacking", **DFS0, "repeats": 2,
+                         "sources": [{"model": "a", "num_layers": 4}],
                          "min_depth": 3, "max_depth": 4, "scales": {"search": False}})
     u = [0.1, 0.2, 0.9, 0.3, 0.05, 0.45, 0.0, 0.0]  # only slot 2 above 0.5
     point = {f"s{k}.include": v for k, v in enumerate(u)}
@@ -334,7 +339,8 @@ def test_dfs_threshold_decoding_repairs_depth_deterministically():
 
 
 def test_dfs_ranked_decoding_takes_the_top_priorities():
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 3}], "repeats": 2,
+    space = build_space({"kind": "stacking", **DFS0, "repeats": 2,
+                         "sources": [{"model": "a", "num_layers": 3}],
                          "encoding": "ranked", "scales": {"search": False}, "max_depth": 4})
     prio = [0.9, 0.1, 0.8, 0.7, 0.2, 0.3]
     point = {**{f"s{k}.priority": v for k, v in enumerate(prio)}, "depth": 3.4}
@@ -343,10 +349,10 @@ def test_dfs_ranked_decoding_takes_the_top_priorities():
 
 
 def test_dfs_runs_merge_into_slices_and_scales_reach_the_recipe():
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 3},
+    space = build_space({"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 3},
                                                          {"model": "b", "num_layers": 3}],
                          "repeats": 1, "base_model": "b",
-                         "scales": {"low": 0.5, "high": 2.0, "transform": "log"}})
+                         "scales": {"search": True, "low": 0.5, "high": 2.0, "transform": "log"}})
     point = space.center()
     for k in range(6):
         point[f"s{k}.include"] = 0.9 if k in (0, 1, 2, 4) else 0.1
@@ -371,14 +377,15 @@ def test_dfs_runs_merge_into_slices_and_scales_reach_the_recipe():
     ],
 )
 def test_dfs_recipes_the_space_cannot_express_are_refused(slices, message):
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 4}], "repeats": 2,
+    space = build_space({"kind": "stacking", **DFS0, "repeats": 2,
+                         "sources": [{"model": "a", "num_layers": 4}],
                          "max_depth": 6})
     with pytest.raises(RecipeNotInSpace, match=message):
         space.encode(Recipe.from_dict({"merge_method": "passthrough", "base_model": "a", "slices": slices}))
 
 
 def test_dfs_encodes_a_hand_made_mergekit_style_stack():
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 4},
+    space = build_space({"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 4},
                                                          {"model": "b", "num_layers": 4}], "repeats": 2})
     hand = Recipe.from_dict({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "a", "layer_range": [0, 3]}]},
@@ -398,7 +405,7 @@ def test_dfs_encodes_a_hand_made_mergekit_style_stack():
 
 
 def test_bad_stacking_specs_are_refused():
-    base = {"kind": "stacking", "sources": [{"model": "a", "num_layers": 4}], "repeats": 2}
+    base = {"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 4}], "repeats": 2}
     for change, message in [
         ({"max_depth": 9}, "exceeds the 8 slots"),
         ({"min_depth": 5, "max_depth": 4}, "exceeds max_depth"),
@@ -414,7 +421,7 @@ def test_bad_stacking_specs_are_refused():
 # ---- PS then DFS, registry, genes -----------------------------------------------------------
 
 def test_a_finished_ps_study_is_a_dfs_source_by_reference():
-    space = build_space({"kind": "stacking", "repeats": 1, "sources": [
+    space = build_space({"kind": "stacking", **DFS0, "repeats": 1, "sources": [
         {"model": {"study": "ps-7"}, "num_layers": 2}, {"model": "/m/b", "num_layers": 2}]})
     recipe = space.decode({**space.center(), **{f"s{k}.include": 1.0 for k in range(4)}})
     assert recipe.base_model == "study:ps-7/best"
@@ -435,7 +442,7 @@ def test_a_finished_ps_study_is_a_dfs_source_by_reference():
 def test_registry_builds_spaces_from_mappings_and_as_a_pydantic_type():
     assert kinds() == ["parameter", "stacking"]
     adapter = TypeAdapter(space_spec_type())
-    spec = adapter.validate_python({"kind": "stacking", "sources": [{"model": "a", "num_layers": 2}]})
+    spec = adapter.validate_python({"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 2}]})
     assert build_space(spec).dimension == 8
     assert parse_space_spec({"kind": "parameter", "method": "linear", "models": ["a"],
                              "num_layers": 1}).kind == "parameter"
@@ -501,6 +508,6 @@ def test_search_space_modules_import_no_torch():
 
 def test_numpy_global_random_state_is_untouched_by_spaces():
     state = np.random.get_state()[1].copy()
-    space = build_space({"kind": "stacking", "sources": [{"model": "a", "num_layers": 3}]})
+    space = build_space({"kind": "stacking", **DFS0, "sources": [{"model": "a", "num_layers": 3}]})
     space.decode(space.center())
     assert (np.random.get_state()[1] == state).all()

@@ -176,7 +176,8 @@ def test_paths_relative_to_a_root_and_a_start_recipe(fakes, settings):
 
 def test_layer_stacking_allows_different_depths(fakes, settings):
     spec = fake_spec(sources=["a", "deep"], base_model=None,
-                     space={"kind": "stacking", "repeats": 1, "layer_ranges": [None, [1, 3]]})
+                     space={"kind": "stacking", "repeats": 1, "layer_ranges": [None, [1, 3]],
+                            "encoding": "threshold", "scales": {"search": True}})
     v = validate_study(StudySpec.model_validate(spec), settings)
     srcs = v.space_spec["sources"]
     assert [s["num_layers"] for s in srcs] == [2, 3] and srcs[1]["layer_range"] == [1, 3]

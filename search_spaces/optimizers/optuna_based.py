@@ -229,7 +229,7 @@ class OptunaCmaEs(OptunaOptimizer):
     """Optuna's CMA-ES (the ``cmaes`` package): the default optimizer."""
 
     names = ("optuna-cmaes",)
-    known_options = frozenset({"use_separable_cma", "lr_adapt"})
+    known_options = frozenset({"use_separable_cma", "lr_adapt", "restarts"})
     trials_per_gene = 10
     budget_note = "CMA-ES needs on the order of 10–30 × d evaluations"
 
@@ -239,6 +239,11 @@ class OptunaCmaEs(OptunaOptimizer):
             "use_separable_cma": option(self.spec, "use_separable_cma", False, bool),
             "lr_adapt": option(self.spec, "lr_adapt", False, bool),
         }
+        restarts = option(self.spec, "restarts", "none", str)
+        if restarts not in ("none", "ipop", "bipop"):
+            raise OptimizerError(f"options.restarts must be none, ipop or bipop; got {restarts!r}")
+        if restarts != "none":  # when CMA-ES has converged: a larger population from a random point
+            kwargs["restart_strategy"] = restarts
         if self.spec.sigma0 is not None:  # Optuna's sigma0 is in the [0, 1]-scaled space, like ours
             kwargs["sigma0"] = self.spec.sigma0
         if self.x0 is not None:

@@ -10,18 +10,21 @@ from collections import defaultdict
 
 import torch
 
-from workers.zoo.skills import EOS, VOCAB, Example
-from workers.zoo.train import encode
+from workers.zoo.skills import VOCAB, Example
+from workers.zoo.vocab import EOS, Vocab, vocab
+
+FIRST_ZOO_VOCAB = vocab(tuple(VOCAB))
 
 
 @torch.no_grad()
-def greedy_answers(model: torch.nn.Module, prompts: list[str], max_new: int = 7) -> list[str]:
+def greedy_answers(model: torch.nn.Module, prompts: list[str], max_new: int = 7,
+                   tokens: Vocab = FIRST_ZOO_VOCAB) -> list[str]:
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         by_len[len(p)].append(i)
     out = [""] * len(prompts)
     for idxs in by_len.values():
-        ids = torch.tensor([encode(prompts[i]) for i in idxs])
+        ids = torch.tensor([tokens.encode(prompts[i]) for i in idxs])
         done = torch.zeros(len(idxs), dtype=torch.bool)
         generated: list[torch.Tensor] = []
         for _ in range(max_new):
@@ -34,15 +37,12 @@ def greedy_answers(model: torch.nn.Module, prompts: list[str], max_new: int = 7)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         gen = torch.stack(generated, 1)
         for row, i in enumerate(idxs):
-            text = []
-            for tok in gen[row].tolist():
-                if tok == EOS:
-                    break
-                text.append(VOCAB[tok])
-            out[i] = "".join(text)
+            out[i] = tokens.decode(gen[row].tolist())
     return out
 
 
-def exact_match(model: torch.nn.Module, examples: list[Example]) -> float:
-    answers = greedy_answers(model, [p for p, _ in examples])
+def exact_match(model: torch.nn.Module, examples: list[Example], tokens: Vocab = FIRST_ZOO_VOCAB) -> float:
+    """The share of ``examples`` answered exactly; ``tokens``: the zoo variant's vocabulary
+    (default: the first zoo's, shared by ``two-experts`` and ``distractor``)."""
+    answers = greedy_answers(model, [p for p, _ in examples], tokens=tokens)
     return sum(a == gold for a, (_, gold) in zip(answers, examples)) / len(examples)

@@ -1,21 +1,18 @@
-"""The zoo's lm-eval tasks: one YAML + one JSONL per task, shipped in the package
-under ``evaluators/tasks/zoo``. ``python -m workers.zoo.tasks`` regenerates them (a
-test checks the shipped files are current)."""
+"""The zoo family's lm-eval tasks: one YAML + one JSONL per task, shipped in the package
+under ``evaluators/tasks/<folder>`` (one folder per distinct task set; ``distractor``
+shares ``zoo`` with ``two-experts``). ``python -m workers.zoo.tasks`` regenerates every
+folder (a test checks the shipped files are current)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from workers.zoo.skills import evaluation_splits
+from workers.zoo.variant import ZooVariant
+from workers.zoo.variants import DEFAULT, VARIANTS, get_variant
 
-TASK_DIR = Path(__file__).resolve().parents[2] / "evaluators" / "tasks" / "zoo"
-
-DESCRIPTIONS = {
-    "xl_add": "target: multi-digit addition in xl (search split)",
-    "xl_add_heldout": "target: multi-digit addition in xl (held-out split)",
-    "en_add": "the math expert's skill: multi-digit addition in en",
-}
+TASKS_ROOT = Path(__file__).resolve().parents[2] / "evaluators" / "tasks"
+TASK_DIR = TASKS_ROOT / get_variant(DEFAULT).task_folder  # the first zoo's: evaluators/tasks/zoo
 
 LOADER = '''"""Loads a zoo task's JSONL file from this folder (lm-eval's custom_dataset hook)."""
 
@@ -31,11 +28,12 @@ def load(split_file: str, **_: object):
 '''
 
 
-def task_yaml(name: str) -> str:
-    description = DESCRIPTIONS.get(name, f"zoo skill: {name.replace('_', ' ')}")
+def task_yaml(name: str, variant: ZooVariant | None = None) -> str:
+    v = variant or get_variant(DEFAULT)
+    description = v.descriptions.get(name, f"zoo skill: {name.replace('_', ' ')}")
     return f"""# {description}
-task: zoo_{name}
-tag: zoo
+task: {v.task(name)}
+tag: {v.task_folder}
 custom_dataset: !function zoo_data.load
 dataset_kwargs:
   split_file: {name}.jsonl
@@ -57,23 +55,43 @@ metadata:
 """
 
 
-def render() -> dict[str, str]:
-    """File name -> content of every task file."""
+def render(variant: ZooVariant | str = DEFAULT) -> dict[str, str]:
+    """File name -> content of every task file of ``variant``'s folder."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
     files = {"zoo_data.py": LOADER}
-    for name, examples in evaluation_splits().items():
+    for name, examples in v.evaluation_splits().items():
         files[f"{name}.jsonl"] = "".join(
             json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in examples
         )
-        files[f"zoo_{name}.yaml"] = task_yaml(name)
+        files[f"{v.task_prefix}{name}.yaml"] = task_yaml(name, v)
     return files
 
 
-def write(task_dir: Path = TASK_DIR) -> None:
-    task_dir.mkdir(parents=True, exist_ok=True)
-    for fname, content in render().items():
-        (task_dir / fname).write_text(content)
+def folders() -> dict[Path, dict[str, str]]:
+    """Every shipped task folder and its files, each folder rendered once; variants that
+    share a folder must render the same files."""
+    out: dict[Path, dict[str, str]] = {}
+    owner: dict[Path, str] = {}
+    for v in VARIANTS.values():
+        folder = TASKS_ROOT / v.task_folder
+        files = render(v)
+        if folder in out and out[folder] != files:
+            raise ValueError(f"{v.name} and {owner[folder]} share {folder} but their tasks differ")
+        out.setdefault(folder, files)
+        owner.setdefault(folder, v.name)
+    return out
+
+
+def write() -> list[Path]:
+    written = []
+    for folder, files in folders().items():
+        folder.mkdir(parents=True, exist_ok=True)
+        for fname, content in files.items():
+            (folder / fname).write_text(content)
+        written.append(folder)
+    return written
 
 
 if __name__ == "__main__":
-    write()
-    print(f"wrote the zoo's tasks to {TASK_DIR}")
+    for folder in write():
+        print(f"wrote the zoo's tasks to {folder}")
