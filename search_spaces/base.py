@@ -223,6 +223,11 @@ class SearchSpace(ABC):
         (the middle of the box for CMA-ES)."""
         return None
 
+    def start_sigma(self) -> float | None:
+        """CMA-ES's first step around :meth:`start` (a fraction of each gene's range) when
+        the spec gives no ``sigma0``; None: the optimizer's default (1/6)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

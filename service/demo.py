@@ -2,7 +2,7 @@
 
 1. builds the demo zoo (cached after the first run: ``evomerge zoo build``);
 2. starts ``evomerge serve`` (SQLite under the data directory, local Ray, 127.0.0.1);
-3. submits the demo study over REST (``service.spec.DEMO_EXAMPLE``: per-layer TIES over the
+3. submits the demo study over REST (``service.spec.DEMO_EXAMPLE``: TIES over the
    zoo's two experts, CMA-ES, the target task, a held-out split) and shows its progress
    with the dashboard's address;
 4. downloads the best model through the API (``evomerge download``), loads it with

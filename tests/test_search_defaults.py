@@ -47,9 +47,11 @@ def test_a_search_starts_at_task_arithmetic(method):
         param = gene.meta["param"]
         expected = {"weight": 1.0, "density": 1.0}.get(param, declaration.param(param).default)
         assert gene.value(start[gene.name]) == pytest.approx(expected), gene.name
-    for name in ("optuna-cmaes", "optuna-tpe", "random"):  # Optuna's samplers evaluate it first
+    for name in ("optuna-cmaes", "optuna-tpe"):  # Optuna's samplers evaluate it first
         first = create_optimizer({"name": name, "seed": 3}, space).ask(1)[0]
         assert first.params == pytest.approx({n: space.genes[n].value(v) for n, v in start.items()})
+    first = create_optimizer({"name": "random", "seed": 3}, space).ask(1)[0]  # a baseline: the box
+    assert first.params != pytest.approx({n: space.genes[n].value(v) for n, v in start.items()})
     first = create_optimizer({"name": "cma", "seed": 3, "sigma0": 0.01}, space).ask(1)[0]  # samples around it
     gap = space.genes.to_array(first.params) - space.genes.to_array(
         {n: space.genes[n].value(v) for n, v in start.items()})
@@ -119,3 +121,12 @@ def test_without_the_option_every_gene_is_searched_from_the_start():
     p = opt.ask(1)[0]
     assert p.info["phase"] == "fine"
     assert any(abs(p.params["A.L0.weight"] - p.params[f"A.L{i}.weight"]) > 1e-9 for i in range(1, 4))
+
+
+def test_cma_es_steps_far_from_the_start_unless_told():
+    space = parameter_space(method="ties")
+    assert create_optimizer({"name": "optuna-cmaes"}, space).spec.sigma0 == space.start_sigma() == 0.3
+    assert create_optimizer({"name": "cma", "sigma0": 0.05}, space).spec.sigma0 == 0.05
+    stacking = build_space({"kind": "stacking", "base_model": "a",
+                            "sources": [{"model": "a", "num_layers": 2}]})
+    assert create_optimizer({"name": "cma"}, stacking).spec.sigma0 is None  # the optimizer's 1/6

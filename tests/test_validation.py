@@ -147,7 +147,7 @@ def test_the_demo_study_validates_with_everything_derived(llama, settings):
     assert v.space_spec["models"] == [os.path.realpath(e0), os.path.realpath(e1)]
     assert v.space_spec["base_model"] == os.path.realpath(base)
     # per-layer TIES: (2 layers + embeddings) × 2 models × weight (the demo fixes density at 1)
-    assert v.space["dimension"] == 6 and v.space["kind"] == "parameter"
+    assert v.space["dimension"] == 8 and v.space["kind"] == "parameter"
     assert v.optimizer.seed == 0 and v.optimizer.directions == ["maximize"]
     assert v.evaluation.objectives[0].higher_is_better is True
     (held,) = v.heldout_evaluation.objectives
@@ -508,4 +508,4 @@ def test_the_documented_zoo_studies_validate(tmp_path):
         spec = StudySpec.from_text(block)
         v = validate_study(spec, settings, resolve_study_ref=lambda ref: tmp_path / "v2-seed0" / "math")
         dims.append(v.space["dimension"])
-    assert dims[0] == 10  # the demo: (4 layers + embeddings) × 2 models × weight (density fixed at 1)
+    assert dims[0] == 8  # the demo: (all layers + embeddings) × 2 models × (weight, density)

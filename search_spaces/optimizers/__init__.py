@@ -65,8 +65,11 @@ def create_optimizer(
         if not isinstance(space, SearchSpace):
             raise OptimizerError("x0 is a recipe: pass the search space (it encodes the recipe)")
         x0 = space.encode(spec.x0)
-    elif isinstance(space, SearchSpace):
+    elif isinstance(space, SearchSpace) and get(spec.name).uses_space_start:
         x0 = space.start()
+        sigma = space.start_sigma()
+        if x0 is not None and sigma is not None and spec.sigma0 is None:
+            spec = spec.model_copy(update={"sigma0": sigma})
     return get(spec.name).create(spec, genes, x0, storage=storage, study_name=study_name, state=state)
 
 

@@ -133,6 +133,9 @@ class Optimizer(ABC):
     # submission (:meth:`budget_warning`); 0: any budget will do.
     trials_per_gene: ClassVar[int] = 0
     budget_note: ClassVar[str] = ""  # why, for that warning: what the optimizer needs
+    # Whether a space's declared start (SearchSpace.start) is its first point when the spec
+    # gives no x0; random search, a baseline, samples the box from its first point
+    uses_space_start: ClassVar[bool] = True
 
     def __init__(self, spec: OptimizerSpec, genes: GeneSet, x0: Mapping[str, float] | None = None):
         if spec.multi_objective and not self.multi_objective:

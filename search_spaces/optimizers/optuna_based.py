@@ -301,6 +301,7 @@ class OptunaRandom(OptunaOptimizer):
     names = ("random",)
     multi_objective = True
     known_options = frozenset({"qmc"})
+    uses_space_start = False  # a baseline: the box, not the space's natural start
 
     def _sampler(self) -> BaseSampler:
         if option(self.spec, "qmc", True, bool):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-# The complete demo study (docs/study-spec.md): per-layer TIES over the zoo's two experts.
+# The complete demo study (docs/study-spec.md): TIES over the zoo's two experts, the space
+# named by its method only (its defaults: bench/search_quality.py chose them over the zoo family).
 DEMO_EXAMPLE: dict[str, Any] = {
-    "name": "zoo: xl addition by per-layer TIES",
+    "name": "zoo: xl addition by TIES",
     "sources": ["v2-seed0/math", "v2-seed0/language"],
     "base_model": "v2-seed0/base",
-    "space": {"kind": "parameter", "method": "ties", "granularity": 1, "weight_range": [0.0, 2.0],
-              "search_density": False, "parameters": {"density": 1.0, "normalize": False}},
+    "space": {"kind": "parameter", "method": "ties"},
     "evaluation": {
         "evaluator": "lm_eval",
         "objectives": [{"task": "zoo_xl_add", "metric": "exact_match", "limit": 200}],
