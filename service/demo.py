@@ -158,7 +158,7 @@ def run_demo(*, data_dir: Path, trials: int | None = None, seed: int | None = No
             spec = demo_spec(trials, seed)
             study = client.submit(json.dumps(spec).encode(), "application/json")
             sid = study["id"]
-            log(f"3/5 submitted the demo study {sid}: {spec['space']['method']} per layer over "
+            log(f"3/5 submitted the demo study {sid}: {spec['space']['method']} (its search defaults) over "
                 f"{', '.join(spec['sources'])}, {spec['optimizer']['name']}, "
                 f"{spec['budget']['max_trials']} trials")
             log(f"    watch it live: {service.url}/#/studies/{sid}")
