@@ -24,121 +24,53 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field
 
-from search_spaces.base import RecipeNotInSpace, ResolvedSource, SearchSpace, SpaceProblem, SpaceSpecBase
-from search_spaces.genes import Gene, Transform
+from search_spaces.base import RecipeNotInSpace, ResolvedSource, SearchSpace, SpaceProblem
+from search_spaces.genes import Gene
+from search_spaces.layer_stacking_spec import (
+    MAX_STACK_SOURCES,
+    StackingSpaceSpec,
+    _check_layer_ranges,
+    _LayerIndex,
+)
 from search_spaces.recipe import Recipe, Slice, SliceSource
 from search_spaces.registry import register_space
 from search_spaces.sources import ModelRef, model_string, source_letter
-from search_spaces.stacking_segments import Segment, runs, segments
+from search_spaces.stacking_segments import Segment, declare_genes, decode_runs, encode_runs, segments
 
-MAX_LAYERS = 100_000
-MAX_REPEATS = 16
-MAX_SCALE = 1000.0
-MAX_STACK_SOURCES = 64
-_LayerIndex = Annotated[int, Field(ge=0, le=MAX_LAYERS)]
-
-
-def _check_layer_ranges(value: Any) -> Any:
-    """A study form's ``layer_ranges``: each ``[start, end)`` non-empty (end exclusive)."""
-    for r in value or []:
-        if r is not None and not 0 <= r[0] < r[1]:
-            raise ValueError(f"layer range {list(r)} must satisfy 0 <= start < end (end exclusive)")
-    return value
 INCLUDED, EXCLUDED = 0.75, 0.25  # what encode writes for a slot's include / priority gene
 
 
-class StackSource(BaseModel):
-    """A source model and the layers of it that enter the slots."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: ModelRef
-    num_layers: int = Field(ge=1, le=MAX_LAYERS,
-                            description="the model's decoder layers (filled in by the service)")
-    layer_range: tuple[int, int] | None = Field(
-        default=None, description="[start, end) of the layers used; default all"
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> StackSource:
-        if self.layer_range is not None:
-            a, b = self.layer_range
-            if not 0 <= a < b <= self.num_layers:
-                raise ValueError(
-                    f"layer_range {list(self.layer_range)} of {model_string(self.model)!r} must satisfy "
-                    f"0 <= start < end <= num_layers ({self.num_layers})"
-                )
-        return self
-
-    @property
-    def layers(self) -> range:
-        a, b = self.layer_range or (0, self.num_layers)
-        return range(a, b)
-
-
-class ScaleSpec(BaseModel):
-    """Per-slot scales of the residual contribution."""
-
-    model_config = ConfigDict(extra="forbid")
-    search: bool = Field(default=False, description="search a scale per slot or segment (default: every "
-                         "scale is 1; searched scales drowned the search in bench/search_quality.py)")
-    low: float = Field(default=0.5, ge=-MAX_SCALE, le=MAX_SCALE)
-    high: float = Field(default=1.5, ge=-MAX_SCALE, le=MAX_SCALE)
-    transform: Transform = Field(default="identity", description="'log' searches the scale's logarithm")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> ScaleSpec:
-        if not (math.isfinite(self.low) and math.isfinite(self.high)) or not 0 < self.low < self.high:
-            raise ValueError(f"scales need 0 < low < high, got [{self.low}, {self.high}]")
-        return self
-
-
-class StackingSpaceSpec(SpaceSpecBase):
-    """A layer-stacking search."""
-
-    kind: Literal["stacking"] = "stacking"
-    sources: list[StackSource] = Field(min_length=1, max_length=MAX_STACK_SOURCES)
-    repeats: int = Field(default=2, ge=1, le=MAX_REPEATS,
-                         description=f"r: how many times the source layers repeat, 1 … {MAX_REPEATS}")
-    min_depth: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
-                                  description="fewest output layers (default 1)")
-    max_depth: int | None = Field(default=None, ge=1, le=MAX_LAYERS,
-                                  description="most output layers (default T)")
-    base_model: ModelRef | None = Field(
-        default=None, description="owner of embeddings, final norm and head (default: the first source)"
-    )
-    encoding: Literal["threshold", "ranked", "segments"] = Field(
-        default="segments", description="segments: one run of layers per source and repeat (default); "
-        "threshold: an include gene per slot; ranked: a priority per slot and a depth")
-    scales: ScaleSpec = Field(default_factory=ScaleSpec)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> StackingSpaceSpec:
-        names = [model_string(s.model) for s in self.sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"sources are listed twice: {dupes}; use repeats to reuse layers")
-        slots = self.num_slots
-        lo, hi = self.depth_bounds
-        if hi > slots:
-            raise ValueError(f"max_depth {hi} exceeds the {slots} slots (M × r)")
-        if lo > hi:
-            raise ValueError(f"min_depth {lo} exceeds max_depth {hi}")
-        return self
-
-    @property
-    def num_slots(self) -> int:
-        return self.repeats * sum(len(s.layers) for s in self.sources)
-
-    @property
-    def depth_bounds(self) -> tuple[int, int]:
-        return self.min_depth or 1, self.max_depth or self.num_slots
-
-    def base(self) -> ModelRef:
-        return self.base_model if self.base_model is not None else self.sources[0].model
+def recipe_layers(recipe: Recipe, base: str) -> list[tuple[str, int, float]]:
+    """``(model, layer, scale)`` of each output layer of a passthrough recipe whose
+    embeddings and head come from ``base``; RecipeNotInSpace says why a recipe is not one."""
+    if recipe.merge_method != "passthrough" or recipe.slices is None:
+        raise RecipeNotInSpace("a stacking space expresses passthrough recipes with 'slices'")
+    edges = {recipe.slices[0].sources[0].model, recipe.slices[-1].sources[0].model}
+    if recipe.base_model != base and not (recipe.base_model is None and edges == {base}):
+        owner = recipe.base_model or "its first/last slices"
+        raise RecipeNotInSpace(
+            f"the recipe takes embeddings and head from {owner!r}, the space from {base!r}"
+        )
+    if recipe.parameters:
+        raise RecipeNotInSpace(
+            f"the recipe sets parameters {sorted(recipe.parameters)}; a stacking space uses scale only"
+        )
+    layers: list[tuple[str, int, float]] = []
+    for i, sl in enumerate(recipe.slices):
+        if len(sl.sources) != 1 or sl.parameters or sl.base_model or sl.sources[0].parameters:
+            raise RecipeNotInSpace(
+                f"slice {i} has several sources, parameters or a base_model: a stacking space "
+                "expresses one source per slice with an optional scale"
+            )
+        src = sl.sources[0]
+        scale = 1.0 if src.scale is None else float(src.scale)
+        layers += [(src.model, layer, scale) for layer in range(*src.layer_range)]
+    return layers
 
 
 @dataclass(frozen=True)
@@ -225,29 +157,10 @@ class LayerStackingSpace(SearchSpace):
         width = len(str(len(self.segments()) - 1))
         return f"g{k:0{width}d}.{role}"
 
-    def _declare_segments(self) -> list[Gene]:
-        spec = self.spec
-        genes: list[Gene] = []
-        for seg in self.segments():
-            n = len(seg.layers)
-            where = (f"segment {seg.index} · model {source_letter(seg.source)} layers "
-                     f"{seg.layers.start}–{seg.layers.stop - 1} · repeat {seg.repeat + 1}")
-            meta = {"segment": seg.index, "model": source_letter(seg.source),
-                    "model_ref": model_string(spec.sources[seg.source].model), "repeat": seg.repeat}
-            genes.append(Gene(name=self.segment_gene(seg.index, "first"), low=0.0, high=float(n),
-                              label=f"{where} · first layer", meta={**meta, "param": "first"}))
-            genes.append(Gene(name=self.segment_gene(seg.index, "count"), low=0.0, high=float(n),
-                              label=f"{where} · layers taken", meta={**meta, "param": "count"}))
-            if spec.scales.search:
-                genes.append(Gene(name=self.segment_gene(seg.index, "scale"), low=spec.scales.low,
-                                  high=spec.scales.high, transform=spec.scales.transform,
-                                  label=f"{where} · scale", meta={**meta, "param": "scale"}))
-        return genes
-
     def _declare(self) -> list[Gene]:
         spec = self.spec
         if spec.encoding == "segments":
-            return self._declare_segments()
+            return declare_genes(self)
         genes: list[Gene] = []
         role = "include" if spec.encoding == "threshold" else "priority"
         for slot in self.slots():
@@ -294,24 +207,12 @@ class LayerStackingSpace(SearchSpace):
             chosen.difference_update(weakest[: len(chosen) - hi])
         return sorted(chosen)
 
-    def _segment_runs(self, values: dict[str, float]) -> list[tuple[str, int, int, float | None]]:
-        spec, segs = self.spec, self.segments()
-        chosen = runs(segs, [values[self.segment_gene(s.index, "first")] for s in segs],
-                      [values[self.segment_gene(s.index, "count")] for s in segs], spec.depth_bounds)
-        out: list[tuple[str, int, int, float | None]] = []
-        for k, offset, count in chosen:
-            seg = segs[k]
-            a = seg.layers.start + offset
-            scale = values[self.segment_gene(k, "scale")] if spec.scales.search else None
-            out.append((model_string(spec.sources[seg.source].model), a, a + count, scale))
-        return out
-
     def _decode(self, values: dict[str, float]) -> Recipe:
         spec = self.spec
         slots = self.slots()
         runs: list[tuple[str, int, int, float | None]] = []  # model, start, end, scale
         if spec.encoding == "segments":
-            runs = self._segment_runs(values)
+            runs = decode_runs(self, values)
         for k in (self.chosen_slots(values) if spec.encoding != "segments" else []):
             slot = slots[k]
             model = model_string(spec.sources[slot.source].model)
@@ -331,82 +232,14 @@ class LayerStackingSpace(SearchSpace):
         )
 
     # ---- encode --------------------------------------------------------------------
-    def _layers_of(self, recipe: Recipe) -> list[tuple[str, int, float]]:
-        if recipe.merge_method != "passthrough" or recipe.slices is None:
-            raise RecipeNotInSpace("a stacking space expresses passthrough recipes with 'slices'")
-        base = model_string(self.spec.base())
-        edges = {recipe.slices[0].sources[0].model, recipe.slices[-1].sources[0].model}
-        if recipe.base_model != base and not (recipe.base_model is None and edges == {base}):
-            owner = recipe.base_model or "its first/last slices"
-            raise RecipeNotInSpace(
-                f"the recipe takes embeddings and head from {owner!r}, the space from {base!r}"
-            )
-        if recipe.parameters:
-            raise RecipeNotInSpace(
-                f"the recipe sets parameters {sorted(recipe.parameters)}; a stacking space uses scale only"
-            )
-        layers: list[tuple[str, int, float]] = []
-        for i, sl in enumerate(recipe.slices):
-            if len(sl.sources) != 1 or sl.parameters or sl.base_model or sl.sources[0].parameters:
-                raise RecipeNotInSpace(
-                    f"slice {i} has several sources, parameters or a base_model: a stacking space "
-                    "expresses one source per slice with an optional scale"
-                )
-            src = sl.sources[0]
-            scale = 1.0 if src.scale is None else float(src.scale)
-            layers += [(src.model, layer, scale) for layer in range(*src.layer_range)]
-        return layers
-
-    def _encode_segments(self, layers: list[tuple[str, int, float]]) -> dict[str, float]:
-        """Each maximal run of consecutive layers of one model at one scale goes to the
-        next segment of that model, in slot order."""
-        spec, segs = self.spec, self.segments()
-        models = [model_string(s.model) for s in spec.sources]
-        run_list: list[list[Any]] = []  # model, first layer, end, scale
-        for model, layer, scale in layers:
-            last = run_list[-1] if run_list else None
-            if last and last[0] == model and last[2] == layer and last[3] == scale:
-                last[2] = layer + 1
-            else:
-                run_list.append([model, layer, layer + 1, scale])
-        point: dict[str, float] = {}
-        for seg in segs:  # left out unless a run is put there
-            point[self.segment_gene(seg.index, "first")] = 0.5
-            point[self.segment_gene(seg.index, "count")] = 0.0
-            if spec.scales.search:
-                gene = self.genes[self.segment_gene(seg.index, "scale")]
-                neutral = 1.0 if gene.low <= 1.0 <= gene.high else gene.value(gene.coord_center)
-                point[gene.name] = gene.coord(neutral)
-        k = 0
-        for i, (model, a, b, scale) in enumerate(run_list):
-            while k < len(segs) and not (models[segs[k].source] == model and a in segs[k].layers
-                                         and b <= segs[k].layers.stop):
-                k += 1
-            if k == len(segs):
-                raise RecipeNotInSpace(
-                    f"run {i} ({model!r} layers {a}–{b - 1}) has no segment after the previous run's: the "
-                    f"recipe's runs are not in the order of the {len(segs)} segments (sources {models} "
-                    f"repeated {spec.repeats}×); raise repeats or add the source")
-            if spec.scales.search and not spec.scales.low <= scale <= spec.scales.high:
-                raise RecipeNotInSpace(f"run {i} has scale {scale}, outside the space's "
-                                       f"[{spec.scales.low}, {spec.scales.high}]")
-            if not spec.scales.search and scale != 1.0:
-                raise RecipeNotInSpace(f"run {i} has scale {scale}; this space searches no scales")
-            point[self.segment_gene(k, "first")] = a - segs[k].layers.start + 0.5
-            point[self.segment_gene(k, "count")] = float(b - a)
-            if spec.scales.search:
-                point[self.segment_gene(k, "scale")] = self.genes[self.segment_gene(k, "scale")].coord(scale)
-            k += 1
-        return point
-
     def encode(self, recipe: Recipe) -> dict[str, float]:
         spec = self.spec
-        layers = self._layers_of(recipe)
+        layers = recipe_layers(recipe, model_string(self.spec.base()))
         lo, hi = spec.depth_bounds
         if not lo <= len(layers) <= hi:
             raise RecipeNotInSpace(f"the recipe has {len(layers)} layers; the space allows {lo}–{hi}")
         if spec.encoding == "segments":
-            return self._encode_segments(layers)
+            return encode_runs(self, layers)
         slots = self.slots()
         models = [model_string(s.model) for s in spec.sources]
         chosen: dict[int, float] = {}
