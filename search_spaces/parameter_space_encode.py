@@ -122,10 +122,10 @@ def check_fixed(layout: GeneLayout, recipe: Recipe) -> None:
         return None if declaration.param(key).required else default
 
     for key in sorted(set(fixed) | set(spec.parameters)):
-        if setting_of(fixed, key) != setting_of(dict(spec.parameters), key):
+        given, wanted = setting_of(fixed, key), setting_of(dict(spec.parameters), key)
+        if given != wanted:
             raise RecipeNotInSpace(
-                f"the recipe sets {key}: {setting_of(fixed, key)!r}, the space fixes it to "
-                f"{setting_of(dict(spec.parameters), key)!r}; "
+                f"the recipe sets {key}: {given!r}, the space fixes it to {wanted!r}; "
                 "put the recipe's value in the space's parameters"
             )
     for entry in recipe.models or []:

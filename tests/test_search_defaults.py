@@ -130,3 +130,30 @@ def test_cma_es_steps_far_from_the_start_unless_told():
     stacking = build_space({"kind": "stacking", "base_model": "a",
                             "sources": [{"model": "a", "num_layers": 2}]})
     assert create_optimizer({"name": "cma"}, stacking).spec.sigma0 is None  # the optimizer's 1/6
+
+
+def test_segments_round_off_and_repair_depth_deterministically():
+    from search_spaces.stacking_segments import runs, segments
+
+    segs = segments([range(0, 4), range(0, 4)], 1)
+    assert runs(segs, [0.2, 0.9], [1.6, 3.7], (1, 8)) == [(0, 0, 2), (1, 0, 4)]
+    assert runs(segs, [3.9, 0.0], [4.0, 0.0], (1, 8)) == [(0, 3, 1)]  # stops at the end
+    assert runs(segs, [2.0, 0.0], [0.0, 0.0], (3, 8)) == [(0, 1, 3)]  # grown, then earlier
+    assert runs(segs, [0.0, 0.0], [4.0, 4.0], (1, 5)) == [(0, 0, 4), (1, 0, 1)]  # the last shortened
+
+
+def test_segments_encode_a_mergekit_stack_and_refuse_one_out_of_order():
+    from search_spaces.base import RecipeNotInSpace
+    from search_spaces.recipe import Recipe
+
+    space = build_space({"kind": "stacking", "base_model": "b", "repeats": 1,
+                         "sources": [{"model": "r", "num_layers": 4}, {"model": "m", "num_layers": 4}]})
+    stack = {"merge_method": "passthrough", "base_model": "b", "slices": [
+        {"sources": [{"model": "r", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "m", "layer_range": [1, 4]}]}]}
+    decoded = space.decode(space.encode(Recipe.from_dict(stack)))
+    assert [(s.sources[0].model, tuple(s.sources[0].layer_range)) for s in decoded.slices] == [("r", (0, 2)),
+                                                                                             ("m", (1, 4))]
+    stack["slices"].reverse()  # m before r: one repeat has no segment of r after m's
+    with pytest.raises(RecipeNotInSpace, match="raise repeats"):
+        space.encode(Recipe.from_dict(stack))
