@@ -139,6 +139,7 @@ class EvaluationResult(BaseModel):
     metrics: dict[str, dict[str, float]]  # task -> "metric,filter" -> value (numeric ones)
     n_examples: dict[str, int]  # task -> examples scored
     timings: Timings
+    tokens: int = 0  # tokens through the model's forward passes (prompts, continuations, generated)
 
     @property
     def scores(self) -> dict[str, float]:

@@ -56,11 +56,31 @@ class TrialTimings(BaseModel):
     finished_at: float = 0.0
 
 
+class TrialCost(BaseModel):
+    """What scoring one candidate cost (service/cost.py sums them per study)."""
+
+    examples: int = Field(default=0, ge=0, description="examples scored, over every task")
+    tokens: int = Field(default=0, ge=0, description="tokens through the model's forward passes")
+    worker_seconds: float = Field(default=0.0, ge=0.0, description="build + evaluate on the worker")
+
+
+class RungScore(BaseModel):
+    """Racing: the candidate's value after one rung (``examples`` per task at most)."""
+
+    rung: int
+    examples: int
+    values: list[float]
+    scores: dict[str, float]
+
+
 class TrialResult(BaseModel):
-    """What a worker reports for one trial (crosses the Ray boundary as the object, pickled)."""
+    """What a worker reports for one trial (crosses the Ray boundary as the object, pickled).
+
+    ``pruned``: racing stopped it after a rung; ``values``/``scores`` are then the partial
+    ones of its last rung (``rungs[-1]``), never a full-fidelity score."""
 
     trial_id: int
-    state: Literal["complete", "failed"]
+    state: Literal["complete", "failed", "pruned"]
     values: list[float] = Field(default_factory=list, description="what the optimizer is told")
     scores: dict[str, float] = Field(default_factory=dict, description="objective -> raw value")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -69,6 +89,8 @@ class TrialResult(BaseModel):
     worker: str = ""
     error: str | None = None
     attempts: int = 1
+    cost: TrialCost = Field(default_factory=TrialCost)
+    rungs: list[RungScore] = Field(default_factory=list, description="racing: each rung scored, in order")
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -169,9 +191,11 @@ class TrialRunner:
             value = fitness(result, multi_objective=self.spec.multi_objective)
             values = value if isinstance(value, list) else [value]
             timings.finished_at = time.time()
+            cost = TrialCost(examples=sum(result.n_examples.values()), tokens=result.tokens,
+                             worker_seconds=timings.build_s + timings.evaluate_s)
             return TrialResult(
                 trial_id=trial_id, state="complete", values=values, scores=result.scores,
-                metrics=result.metrics, timings=timings,
+                metrics=result.metrics, timings=timings, cost=cost,
                 peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name,
             )
         except EvaluationError as err:

@@ -98,10 +98,11 @@ class TrialState(str, enum.Enum):
     COMPLETE = "complete"  # scored and told to the optimizer
     FAILED = "failed"  # gave up (failure_reason says why)
     CANCELLED = "cancelled"  # its study was cancelled before it finished
+    PRUNED = "pruned"  # stopped by multi-fidelity racing after a rung, with its partial scores
 
     @property
     def finished(self) -> bool:
-        return self in (TrialState.COMPLETE, TrialState.FAILED, TrialState.CANCELLED)
+        return self in (TrialState.COMPLETE, TrialState.FAILED, TrialState.CANCELLED, TrialState.PRUNED)
 
 
 class ArtifactState(str, enum.Enum):
@@ -150,6 +151,8 @@ class Study(Base):
     optuna_study_name: Mapped[str | None] = mapped_column(String(255), unique=True)
     optimizer_state: Mapped[bytes | None] = mapped_column(LargeBinary)
     error: Mapped[str | None] = mapped_column(Text)
+    # what the study spent and saved (service/cost.py), recounted from its rows with every result
+    cost: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
 
     trials: Mapped[list[Trial]] = relationship(
         back_populates="study", order_by="Trial.number", passive_deletes=True, cascade="all, delete-orphan"
@@ -184,6 +187,13 @@ class Trial(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     timings: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # cost (service/cost.py): examples scored, tokens through the model, seconds on a worker;
+    # a cache hit (``cached``) spent none of them
+    examples: Mapped[int | None] = mapped_column(BigInteger)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
+    worker_seconds: Mapped[float | None] = mapped_column(Float)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    rung: Mapped[int | None] = mapped_column(Integer)  # racing: the last rung scored (None: not raced)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -240,8 +250,52 @@ class Baseline(Base):
     fitness: Mapped[float | None] = mapped_column(Float)
     heldout_scores: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
+    examples: Mapped[int | None] = mapped_column(BigInteger)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
+    worker_seconds: Mapped[float | None] = mapped_column(Float)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ScoreCacheEntry(Base):
+    """Scores of one candidate on one evaluation, shared by every study (service/score_cache.py).
+
+    ``key`` is the sha256 of the canonical recipe, the sha256 of the sources' weights, the
+    evaluator spec and the example ids: a change to any part is a different key (a miss).
+    """
+
+    __tablename__ = "em_score_cache"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    parts: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)  # the key's parts, hashed
+    scores: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    values: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    metrics: Mapped[JSONValue] = mapped_column(JsonColumn, nullable=True)
+    # what scoring it cost the first time: what every hit saves
+    examples: Mapped[int | None] = mapped_column(BigInteger)
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
+    worker_seconds: Mapped[float | None] = mapped_column(Float)
+    hits: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WeightDigest(Base):
+    """The sha256 of one weight file, kept while its size and modification time stay the same
+    (a source is hashed once, not at every study)."""
+
+    __tablename__ = "em_weight_digests"
+    __table_args__ = (UniqueConstraint("path", "size_bytes", "mtime_ns",
+                                       name="uq_em_weight_digests_path_size_bytes_mtime_ns"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Event(Base):
