@@ -233,6 +233,17 @@ class Evaluator(ABC):
         """Pay the one-time set-up now (else the first ``evaluate`` does); returns seconds."""
         return 0.0
 
+    # Racing (multi-fidelity): whether ``evaluate_rung`` scores nested prefixes of the examples
+    supports_rungs: ClassVar[bool] = False
+
+    def evaluate_rung(self, model: Any, tokenizer: Any, examples: int, *, fresh: bool) -> EvaluationResult:
+        """Score ``model`` on the first ``examples`` of each task's seeded order of its search
+        examples (all of them where a task has fewer), reusing what earlier rungs of the same
+        candidate scored unless ``fresh`` (a new candidate: rung 0). The examples of a smaller
+        rung are always a prefix of a larger one's, the same for every candidate.
+        """
+        raise NotImplementedError(f"the {self.name} evaluator does not score rungs (racing)")
+
     @abstractmethod
     def evaluate(self, model: Any, tokenizer: Any) -> EvaluationResult:
         """Score ``model`` (an in-memory ``PreTrainedModel``) as it is now.

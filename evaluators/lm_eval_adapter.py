@@ -70,6 +70,7 @@ class LmEvalEvaluator(Evaluator):
         self._suite = None
         self._lm = None
         self._tokenizer = None
+        self._rungs = None
 
     @property
     def suite(self):
@@ -103,7 +104,15 @@ class LmEvalEvaluator(Evaluator):
             fast_generate=self.options.fast_generate,
         )
         self._lm, self._tokenizer = lm, tokenizer
+        self._rungs = None  # its requests are new: the rungs' slices are made again
         return lm
+
+    def _rung_scorer(self):
+        if self._rungs is None or self._rungs.suite is not self.suite:
+            from evaluators.runtime.lm_eval_rungs import RungScorer
+
+            self._rungs = RungScorer(self.suite, fast_generate=self.options.fast_generate)
+        return self._rungs
 
     def prepare(self, model, tokenizer) -> float:
         """Build tasks and requests now (else the first ``evaluate`` does); returns seconds."""
@@ -112,7 +121,15 @@ class LmEvalEvaluator(Evaluator):
             self._lm_for(model, tokenizer)
         return time.perf_counter() - start
 
+    supports_rungs = True
+
     def evaluate(self, model, tokenizer) -> EvaluationResult:
+        return self._evaluate(model, tokenizer, None, fresh=True)
+
+    def evaluate_rung(self, model, tokenizer, examples: int, *, fresh: bool) -> EvaluationResult:
+        return self._evaluate(model, tokenizer, examples, fresh=fresh)
+
+    def _evaluate(self, model, tokenizer, examples: int | None, *, fresh: bool) -> EvaluationResult:
         start = time.perf_counter()
         with failures_as_evaluation_errors():  # a crashed evaluation is a failed trial, never a score
             first = self._lm is None or tokenizer is not self._tokenizer
@@ -122,7 +139,13 @@ class LmEvalEvaluator(Evaluator):
             from evaluators.runtime.timing import ForwardTimer
 
             with ForwardTimer(model) as timer:
-                results, counts = self.suite.run(lm)
+                if examples is None:
+                    results, counts = self.suite.run(lm)
+                else:
+                    rungs = self._rung_scorer()
+                    if fresh:
+                        rungs.start()
+                    results, counts = rungs.score(lm, examples)
             values = self.suite.objective_values(results)
         return EvaluationResult(
             objectives=[
@@ -134,6 +157,7 @@ class LmEvalEvaluator(Evaluator):
             n_examples=counts,
             timings=Timings(total_s=time.perf_counter() - start, forward_s=timer.seconds,
                             model_calls=timer.calls, prepare_s=prepare_s),
+            tokens=timer.tokens,
         )
 
 

@@ -218,4 +218,5 @@ class LoglikEvaluator(Evaluator):
             n_examples=dict(self._counts),
             timings=Timings(total_s=time.perf_counter() - start, forward_s=timer.seconds,
                             model_calls=timer.calls, prepare_s=prepare_s),
+            tokens=timer.tokens,
         )

@@ -229,6 +229,35 @@ def scores_section(card: ExportCard) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fmt_seconds(seconds: float) -> str:
+    """Worker time as people read it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
+def cost_section(cost: dict[str, Any] | None) -> str:
+    """What the search spent on evaluation and what pruning and the score cache saved
+    (``service.cost.StudyCost`` as JSON, as it stood when the model was exported)."""
+    if not cost:
+        return "The study recorded no cost (it ran before cost accounting existed).\n"
+    rows = [("spent by the trials", cost.get("spent") or {}, "trials"),
+            ("spent by the baselines", cost.get("baselines") or {}, "baselines"),
+            ("saved by the score cache", cost.get("saved_by_cache") or {}, "hits"),
+            ("saved by pruning (estimated time)", cost.get("saved_by_pruning") or {}, "trials pruned")]
+    lines = ["| | rows | examples | tokens | worker time |", "|---|---|---|---|---|"]
+    for label, part, unit in rows:
+        count = int(part.get("trials") or 0) + int(part.get("baselines") or 0)
+        tokens = f"{int(part['tokens']):,}" if "tokens" in part else "—"
+        lines.append(f"| {label} | {count} {unit} | {int(part.get('examples') or 0):,} | {tokens} "
+                     f"| {fmt_seconds(float(part.get('worker_seconds') or 0.0))} |")
+    full = cost.get("full_examples")
+    lines += ["", (f"A candidate scored in full is scored on {full:,} examples. " if full else "")
+              + "Worker time is building plus scoring, summed over the workers; the figures are the "
+              "study's when this model was exported (the held-out re-scoring is not counted)."]
+    return "\n".join(lines) + "\n"
+
+
 def sources_section(sources: list[ExportSource]) -> str:
     out = []
     for src in sources:
@@ -281,6 +310,7 @@ def render_readme(
         "## Recipe", "", recipe_section(plan),
         "## Reproduce", "", reproduce_section(recipe, mergekit_note),
         "## Source models", "", sources_section(sources),
+        "## Cost of the search", "", cost_section(card.cost),
         "## Study", "",
         f"Optimizer (seed {card.seed if card.seed is not None else 'not set'}):", "",
         "```yaml", opt_yaml, "```", "",

@@ -30,6 +30,8 @@ class ExportCard(BaseModel):
     heldout_scores: dict[str, float] | None = None
     fitness: float | None = None
     values: list[float] | None = None
+    cost: dict[str, Any] | None = Field(
+        default=None, description="the study's cost when exported (service.cost.StudyCost as JSON)")
 
 
 class ExportFile(BaseModel):

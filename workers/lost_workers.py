@@ -73,6 +73,7 @@ class Running:
     submitted: float = 0.0
     first: bool = False  # the actor's first trial (set at dispatch): it gets the warm-up allowance
     history: list[str] = field(default_factory=list)  # "attempt 1: worker died (...)"
+    race: Any = None  # a workers.racing.RaceTicket: the trial is raced over rungs
 
 
 @dataclass

@@ -28,6 +28,7 @@ from workers.trial import TrialResult, WorkerSpec
 
 if TYPE_CHECKING:
     from search_spaces.recipe import Recipe
+    from workers.racing import RaceTicket
 
 __all__ = ["RetryNotice", "WorkerPool", "WorkerResources", "init_ray", "local_ray_auth", "start_local_ray"]
 
@@ -53,9 +54,10 @@ class _Actor:
 
         self.runner = TrialRunner(spec)
 
-    def evaluate(self, trial_id: int, recipe: Any) -> TrialResult:
-        """``recipe``: a ``Recipe``, or its JSON (a row read back; the runner validates it)."""
-        return self.runner.run(trial_id, recipe)
+    def evaluate(self, trial_id: int, recipe: Any, race: Any = None) -> TrialResult:
+        """``recipe``: a ``Recipe``, or its JSON (a row read back; the runner validates it);
+        ``race``: a ``RaceTicket`` to score it over rungs (workers/racing.py)."""
+        return self.runner.run(trial_id, recipe, race=race)
 
     def ping(self) -> dict[str, Any]:
         """Answered once the actor is set up, even while a trial runs (``max_concurrency=2``)."""
@@ -128,22 +130,22 @@ class WorkerPool(LostWorkers):
         return bool(self.running or self._retries or self._failed)
 
     def submit(self, trial_id: int, recipe: Recipe | dict[str, Any], attempt: int = 1,
-               timeout_s: float | None = None) -> None:
+               timeout_s: float | None = None, race: RaceTicket | None = None) -> None:
         """Run a trial on an idle actor. ``recipe``: the object, or its JSON (validated on the actor,
         where a recipe that does not validate fails its trial); ``attempt``: the how-manieth dispatch
         of this trial this is (a caller re-running a trial says so); ``timeout_s``: its deadline
-        (default: derived)."""
+        (default: derived); ``race``: score it over racing's rungs (workers/racing.py)."""
         free = self._free_slots()
         if not free:
             raise RuntimeError("no idle worker: call idle() before submit()")
         slot = free[0]
         if slot.dead is not None:  # known gone while idle: a new actor first
             self._replace(slot)
-        self._dispatch(Running(trial_id, recipe, attempt, timeout_s), slot)
+        self._dispatch(Running(trial_id, recipe, attempt, timeout_s, race=race), slot)
 
     def _dispatch(self, run: Running, slot: Slot) -> None:
         """Every dispatch of a trial to an actor goes through here."""
-        ref = slot.actor.evaluate.remote(run.trial_id, run.recipe)
+        ref = slot.actor.evaluate.remote(run.trial_id, run.recipe, run.race)
         slot.busy_since = time.perf_counter()
         run.slot, run.submitted, run.first = slot, slot.busy_since, slot.finished == 0
         self.running[ref] = run

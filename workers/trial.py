@@ -19,7 +19,9 @@ from pydantic import BaseModel, Field
 from evaluators.base import EvaluationSpec
 
 if TYPE_CHECKING:
+    from evaluators.base import EvaluationResult
     from search_spaces.recipe import Recipe
+    from workers.racing import RaceTicket
 
 
 class WorkerSpec(BaseModel):
@@ -171,11 +173,12 @@ class TrialRunner:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.builder.models[ref].path))
         return self._tokenizer
 
-    def run(self, trial_id: int, recipe: Recipe | dict[str, Any]) -> TrialResult:
+    def run(self, trial_id: int, recipe: Recipe | dict[str, Any],
+            race: RaceTicket | None = None) -> TrialResult:
         """Build and score ``recipe`` (the object, used as it is, or its JSON, validated here:
-        a recipe that does not validate fails the trial with the reason)."""
+        a recipe that does not validate fails the trial with the reason). With ``race``, score
+        it rung by rung and stop it (``pruned``) where the ticket says it does not go on."""
         from evaluators.base import EvaluationError
-        from evaluators.fitness import fitness
         from search_spaces.recipe import Recipe
 
         timings = TrialTimings(started_at=time.time())
@@ -184,20 +187,13 @@ class TrialRunner:
             start = time.perf_counter()
             model = self.builder.build(rec)
             timings.build_s = time.perf_counter() - start
+            if race is not None:
+                return self._race(trial_id, model, race, timings)
             start = time.perf_counter()
             result = self.evaluator.evaluate(model, self.tokenizer)
             timings.evaluate_s = time.perf_counter() - start
             timings.forward_s = result.timings.forward_s
-            value = fitness(result, multi_objective=self.spec.multi_objective)
-            values = value if isinstance(value, list) else [value]
-            timings.finished_at = time.time()
-            cost = TrialCost(examples=sum(result.n_examples.values()), tokens=result.tokens,
-                             worker_seconds=timings.build_s + timings.evaluate_s)
-            return TrialResult(
-                trial_id=trial_id, state="complete", values=values, scores=result.scores,
-                metrics=result.metrics, timings=timings, cost=cost,
-                peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name,
-            )
+            return self._scored(trial_id, "complete", result, timings, result.tokens)
         except EvaluationError as err:
             reason = f"evaluation failed: {err}"
         except Exception as err:  # a bad candidate fails its trial, never the worker
@@ -207,3 +203,37 @@ class TrialRunner:
         timings.finished_at = time.time()
         return TrialResult(trial_id=trial_id, state="failed", error=reason, timings=timings,
                            peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name)
+
+    def _values(self, result: EvaluationResult) -> list[float]:
+        from evaluators.fitness import fitness
+
+        value = fitness(result, multi_objective=self.spec.multi_objective)
+        return value if isinstance(value, list) else [value]
+
+    def _scored(self, trial_id: int, state: Literal["complete", "pruned"], result: EvaluationResult,
+                timings: TrialTimings, tokens: int, rungs: list[RungScore] | None = None) -> TrialResult:
+        timings.finished_at = time.time()
+        cost = TrialCost(examples=sum(result.n_examples.values()), tokens=tokens,
+                         worker_seconds=timings.build_s + timings.evaluate_s)
+        return TrialResult(
+            trial_id=trial_id, state=state, values=self._values(result), scores=result.scores,
+            metrics=result.metrics, timings=timings, cost=cost, rungs=rungs or [],
+            peak_memory_bytes=peak_memory_bytes(self.spec.device), worker=self.name,
+        )
+
+    def _race(self, trial_id: int, model: Any, race: RaceTicket, timings: TrialTimings) -> TrialResult:
+        """The candidate's rungs in order; after each but the last, the ticket decides."""
+        rungs: list[RungScore] = []
+        tokens = 0
+        last = len(race.sizes) - 1
+        for k, examples in enumerate(race.sizes):
+            start = time.perf_counter()
+            result = self.evaluator.evaluate_rung(model, self.tokenizer, examples, fresh=k == 0)
+            timings.evaluate_s += time.perf_counter() - start
+            timings.forward_s += result.timings.forward_s
+            tokens += result.tokens
+            values = self._values(result)
+            rungs.append(RungScore(rung=k, examples=examples, values=values, scores=result.scores))
+            if k < last and not race.goes_on(k, values[0]):
+                return self._scored(trial_id, "pruned", result, timings, tokens, rungs)
+        return self._scored(trial_id, "complete", result, timings, tokens, rungs)

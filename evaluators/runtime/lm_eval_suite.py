@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluators.base import EvaluationError, ObjectiveSpec, SpecError
-from evaluators.subsets import select_indices
+from evaluators.subsets import rung_ranks, select_indices
 from evaluators.validation import normalize_dirs, resolve_metric, task_manager
 
 _DOC_FIELDS = ("doc_to_target", "doc_to_choice", "doc_to_text")
@@ -77,6 +77,8 @@ class _TaskRun:
     # (doc position, filtered responses) -> metrics, for tasks whose scoring is a pure function
     # of the generated text: candidates of one study keep giving the same answers
     memo: dict[tuple, dict[str, Any]] | None = None
+    ranks: dict[int, int] = field(default_factory=dict)  # search doc id -> position in the seeded order
+    positions: list[int] = field(default_factory=list)  # per doc of ``docs``, its position (racing)
 
 
 @dataclass
@@ -109,7 +111,8 @@ class LmEvalSuite:
             spec = self._settings_for(name, objectives)
             self._configure(task, spec, seed)
             chosen = select_indices(len(task.eval_docs), spec.limit, seed, name, subset)
-            self.runs.append(_TaskRun(name, task, None if chosen is None else _Indices(chosen)))
+            ranks = rung_ranks(len(task.eval_docs), spec.limit, seed, name) if subset == "search" else {}
+            self.runs.append(_TaskRun(name, task, None if chosen is None else _Indices(chosen), ranks=ranks))
         self._requests: dict[str, list] = {}
         self._plans: dict[str, Any] = {}
 
@@ -180,6 +183,9 @@ class LmEvalSuite:
                 requests[inst.request_type].extend([inst] * inst.repeats)
             run.by_doc = [sorted(by_id[doc_id], key=lambda i: i.idx) for doc_id, _ in run.docs]
             run.filter_keys = [f.name for f in run.task._filters]
+            # lm-eval numbers the selected documents 0…k-1 in index order: back to dataset indices
+            originals = [doc_id if run.samples is None else run.samples[doc_id] for doc_id, _ in run.docs]
+            run.positions = [run.ranks.get(i, -1) for i in originals]
             _remember_doc_fields(run.task, [doc for _, doc in run.docs])
             pure = run.task.OUTPUT_TYPE == "generate_until" and run.task.config.process_results is None
             run.memo = {} if pure else None
@@ -212,16 +218,22 @@ class LmEvalSuite:
 
     @staticmethod
     def _score(run: _TaskRun) -> tuple[dict[str, Any], int]:
-        from lm_eval.api.metrics import mean
+        run.task.apply_filters()
+        return LmEvalSuite.aggregate(run, LmEvalSuite.doc_metrics(run, range(len(run.docs))))
 
-        task = run.task
-        task.apply_filters()
-        raw: dict[tuple[str, str], list] = defaultdict(list)
+    @staticmethod
+    def doc_metrics(run: _TaskRun, doc_positions: Sequence[int],
+                    raw: dict[tuple[str, str], list] | None = None) -> dict[tuple[str, str], list]:
+        """Each filter's per-document metrics of the documents at ``doc_positions`` (indices
+        into ``run.docs``, filters applied), appended to ``raw``."""
+        raw = defaultdict(list) if raw is None else raw
         memo = run.memo
         if memo is not None and len(memo) > 500_000:
             memo.clear()
+        task = run.task
         for key in run.filter_keys:
-            for pos, ((_, doc), insts) in enumerate(zip(run.docs, run.by_doc)):
+            for pos in doc_positions:
+                doc, insts = run.docs[pos][1], run.by_doc[pos]
                 responses = [i.filtered_resps[key] for i in insts]
                 metrics = None
                 if memo is not None:
@@ -236,7 +248,14 @@ class LmEvalSuite:
                         memo[memo_key] = metrics
                 for metric, value in metrics.items():
                     raw[(metric, key)].append(value)
-        aggregations = task.aggregation()
+        return raw
+
+    @staticmethod
+    def aggregate(run: _TaskRun, raw: dict[tuple[str, str], list]) -> tuple[dict[str, Any], int]:
+        """The task's results from per-document metrics (its own aggregations), and the count."""
+        from lm_eval.api.metrics import mean
+
+        aggregations = run.task.aggregation()
         out: dict[str, Any] = {}
         n = 0
         for (metric, key), items in raw.items():

@@ -1,0 +1,41 @@
+"""Multi-fidelity racing: score each candidate on growing rungs of examples and stop the
+weak ones early (asynchronous successive halving; docs/evaluation.md, "Racing")."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evaluators.base import MAX_LIMIT
+
+MAX_ETA = 16
+
+
+class FidelitySpec(BaseModel):
+    """Rungs of ``min_examples`` × ``eta``^k examples per task, up to ``max_examples`` (default:
+    the objectives' ``limit``, the full fidelity); after each rung but the last a candidate goes
+    on only if it is in the top 1/``eta`` of the candidates that reached that rung."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_examples: int = Field(ge=1, le=MAX_LIMIT, description="examples per task of the first rung")
+    eta: int = Field(default=3, ge=2, le=MAX_ETA,
+                     description="each rung is eta × the previous; 1/eta of the candidates go on")
+    max_examples: int | None = Field(
+        default=None, ge=2, le=MAX_LIMIT,
+        description="examples per task of the last rung (full fidelity); default: each task's limit")
+
+    @model_validator(mode="after")
+    def _rungs_grow(self) -> FidelitySpec:
+        if self.max_examples is not None and self.max_examples <= self.min_examples:
+            raise ValueError(f"max_examples ({self.max_examples}) must be above min_examples "
+                             f"({self.min_examples}): racing needs at least two rungs")
+        return self
+
+    def sizes(self, full: int) -> list[int]:
+        """Examples per task of each rung, for a study whose largest task limit is ``full``."""
+        top = min(self.max_examples or full, full)
+        sizes, n = [], self.min_examples
+        while n < top:
+            sizes.append(n)
+            n *= self.eta
+        return [*sizes, top]
