@@ -132,3 +132,41 @@ def test_persistence_round_trip_as_declared(name):
     assert all(within_bounds(p) for p in later)
     with pytest.raises(OptimizerError):
         create_optimizer(spec(name), GENES, state=b"not a storage")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruned_points_are_taken_and_never_told_as_full_scores(name):
+    """Racing's pruned candidates (search_spaces.optimizers.base.Pruned): every optimizer takes
+    them between full results and goes on asking; where it keeps trials (Optuna) a pruned one
+    is PRUNED, its partial value reported at its rung, never a COMPLETE trial."""
+    from search_spaces.optimizers import Pruned
+
+    opt = create_optimizer(spec(name), GENES)
+    for _ in range(ROUNDS):
+        batch = opt.ask(BATCH)
+        for i, point in enumerate(batch):
+            opt.tell(point.id, score(point) if i % 2 else Pruned((10.0 + i,), rung=0, rungs=3))
+    assert all(within_bounds(p) for p in opt.ask(BATCH))
+    study = getattr(opt, "study", None)
+    if study is not None:
+        pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+        assert len(pruned) == ROUNDS * BATCH // 2
+        # Optuna copies the last intermediate value to a pruned trial's value; its state says it is
+        # partial, and samplers read it so (TPE ranks it by its step; CMA-ES leaves it out)
+        assert all(t.intermediate_values == {0: 10.0 + t.number % BATCH} for t in pruned)
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        assert len(complete) == ROUNDS * BATCH // 2 and all(t.value < 10 for t in complete)
+
+
+def test_cma_ranks_pruned_candidates_below_full_ones():
+    """A pruned candidate's partial score, however good, ranks below every full score of its
+    generation; one stopped at a later rung above one stopped earlier."""
+    from search_spaces.optimizers.pycma import _ranked
+
+    # (x, value to minimize, late, (rung, rungs) or None)
+    results = [(0, -0.5, False, None), (1, -0.9, False, (1, 3)), (2, -0.99, False, (0, 3)),
+               (3, -0.2, False, None), (4, -0.1, False, (0, 3))]
+    fs = _ranked(results)
+    order = sorted(range(len(fs)), key=fs.__getitem__)
+    assert order == [0, 3, 1, 2, 4]
+    assert _ranked([(0, 1.0, False), (1, 2.0, False)]) == [1.0, 2.0]  # a state saved before racing

@@ -71,8 +71,14 @@ def test_a_ticket_is_bounded():
 # ---- rungs on lm-eval tasks --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    from evaluators.testing import addition_rows, choice_rows, write_choice_task, write_generate_task
-    from evaluators.testing import write_group, write_loglikelihood_task
+    from evaluators.testing import (
+        addition_rows,
+        choice_rows,
+        write_choice_task,
+        write_generate_task,
+        write_group,
+        write_loglikelihood_task,
+    )
     from workers.synthetic import make_model
 
     root = tmp_path_factory.mktemp("racing")
@@ -130,7 +136,8 @@ def test_a_worker_prunes_where_the_ticket_says_and_reports_partial_scores(tasks)
 
     spec = _spec(tasks["tasks"], {"rc_gen": 40, "rc_grp": 20, "rc_ll": 25})
     runner = TrialRunner({"sources": [str(tasks["model"])], "evaluation": spec.model_dump()})
-    recipe = {"merge_method": "linear", "models": [{"model": str(tasks["model"]), "parameters": {"weight": 1.0}}]}
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(tasks["model"]), "parameters": {"weight": 1.0}}]}
     raced = runner.run(1, copy.deepcopy(recipe), race=ticket([4, 12, 40], 3, [[], []]))
     plain = runner.run(2, copy.deepcopy(recipe))
     assert raced.state == plain.state == "complete"

@@ -15,6 +15,7 @@ from search_spaces.optimizers.base import (
     OptimizerError,
     OptimizerSpec,
     Point,
+    Pruned,
 )
 from search_spaces.plugin_registry import Registry
 
@@ -80,6 +81,7 @@ __all__ = [
     "OptimizerError",
     "OptimizerSpec",
     "Point",
+    "Pruned",
     "create_optimizer",
     "get",
     "names",

@@ -53,7 +53,18 @@ class Failure:
     reason: str = ""
 
 
-Result = Union[float, Sequence[float], Failure, None]
+@dataclass(frozen=True)
+class Pruned:
+    """Racing stopped the candidate after rung ``rung`` of ``rungs`` (0-based; the last rung is
+    full fidelity), where it scored ``values``: a partial score, never to be read as a full one.
+    Each optimizer says how it takes this (:meth:`Optimizer._tell_pruned`)."""
+
+    values: tuple[float, ...]
+    rung: int
+    rungs: int
+
+
+Result = Union[float, Sequence[float], Failure, Pruned, None]
 
 
 # Bounds of an optimizer spec (docs/study-spec.md lists them with the study's other bounds).
@@ -169,6 +180,13 @@ class Optimizer(ABC):
 
     def tell(self, point_id: int, result: Result) -> None:
         """The result of a point: its value(s), or :class:`Failure` (``None`` too)."""
+        if isinstance(result, Pruned):
+            partial = self._values(list(result.values))
+            if partial is None:
+                self._tell(int(point_id), None)
+            else:
+                self._tell_pruned(int(point_id), Pruned(tuple(partial), result.rung, result.rungs))
+            return
         values = self._values(result)
         self._tell(int(point_id), values)
 
@@ -202,6 +220,12 @@ class Optimizer(ABC):
     @abstractmethod
     def _tell(self, point_id: int, values: list[float] | None) -> None:
         """``values`` is None for a failure, else one finite value per direction."""
+
+    def _tell_pruned(self, point_id: int, pruned: Pruned) -> None:
+        """A candidate racing stopped early. By default it is told as no result at all (a
+        failure): an optimizer that can rank it below the candidates that went further says
+        how (pycma, Optuna's pruned trials)."""
+        self._tell(point_id, None)
 
     def _values(self, result: Result) -> list[float] | None:
         if result is None or isinstance(result, Failure):

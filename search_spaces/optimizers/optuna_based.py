@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.genes import GeneSet
 from search_spaces.optimizers import register
-from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, option
+from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, Pruned, option
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -208,6 +208,22 @@ class OptunaOptimizer(Optimizer):
                 self.study.tell(point_id, state=TrialState.FAIL)
             else:
                 self.study.tell(point_id, values if len(values) > 1 else values[0])
+
+    def _tell_pruned(self, point_id: int, pruned: Pruned) -> None:
+        """Optuna's own pruned trial: its partial value reported at step ``rung``, then told
+        PRUNED. Optuna's samplers know what that means: TPE ranks pruned trials below complete
+        ones, by the step they reached, then by value; CMA-ES leaves them out of its
+        generations (``consider_pruned_trials`` is off), so that it updates on full scores only."""
+        trials = self.study.get_trials(deepcopy=False)
+        if not 0 <= point_id < len(trials) or trials[point_id].state.is_finished():
+            self._tell(point_id, None)  # the same errors as any tell
+            return
+        trial = optuna.Trial(self.study, trials[point_id]._trial_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if len(pruned.values) == 1:
+                trial.report(pruned.values[0], pruned.rung)
+            self.study.tell(point_id, state=TrialState.PRUNED)
 
     def untold(self) -> list[int]:
         """Trials still RUNNING in the Optuna study (asked, never told)."""

@@ -41,7 +41,7 @@ import numpy as np
 
 from search_spaces.genes import GeneSet
 from search_spaces.optimizers import register
-from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, option
+from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, Pruned, option
 
 STATE_VERSION = 1
 DEFAULT_SIGMA0 = 1 / 6  # as Optuna's CMA-ES: a sixth of each gene's range
@@ -257,7 +257,11 @@ class PyCma(Optimizer):
             warnings.simplefilter("ignore")
             return [np.asarray(x, dtype=float) for x in self._st.es.ask()]
 
-    def _tell(self, point_id: int, values: list[float] | None) -> None:
+    def _tell_pruned(self, point_id: int, pruned: Pruned) -> None:
+        """Ranked below every candidate of its generation that went further (``_ranked``)."""
+        self._tell(point_id, list(pruned.values), rung=(pruned.rung, pruned.rungs))
+
+    def _tell(self, point_id: int, values: list[float] | None, rung: tuple[int, int] | None = None) -> None:
         st = self._st
         if point_id not in st.pending:
             what = "was already told" if 0 <= point_id < st.next_id else "was never asked"
@@ -272,7 +276,7 @@ class PyCma(Optimizer):
             st.counts["late_dropped"] += 1
             return
         st.counts["late_used"] += int(late)
-        st.results.append((x, self._minimizing(values), late))
+        st.results.append((x, self._minimizing(values), late, rung))
         if st.regime == "large":
             st.budget_large += 1
         else:
@@ -285,7 +289,7 @@ class PyCma(Optimizer):
     def _update(self) -> None:
         st = self._st
         xs = [r[0] for r in st.results]
-        fs = [r[1] for r in st.results]
+        fs = _ranked(st.results)
         late = [i for i, r in enumerate(st.results) if r[2]]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -317,3 +321,20 @@ class PyCma(Optimizer):
         """The current distribution mean, in gene coordinates."""
         es = self._st.es
         return self.genes.denormalize(np.asarray(es.result.xfavorite, dtype=float))
+
+
+def _ranked(results: list[tuple]) -> list[float]:
+    """The values pycma is told (lower is better), pruned candidates placed so that the ranks
+    are those successive halving itself implies: every candidate scored at full fidelity
+    first (by its score), then the pruned ones, those stopped at a later rung before those
+    stopped earlier, and by their partial score within a rung. CMA-ES uses ranks only, so a
+    partial score is never compared with a full one."""
+    fs = [float(r[1]) for r in results]
+    rungs = [r[3] if len(r) > 3 else None for r in results]  # states saved before racing: 3-tuples
+    if all(r is None for r in rungs):
+        return fs
+    low, high = min(fs), max(fs)
+    span = high - low + 1.0
+    full = [f for f, r in zip(fs, rungs) if r is None]
+    floor = max(full) if full else high
+    return [f if r is None else floor + span * (r[1] - r[0]) + (f - low) for f, r in zip(fs, rungs)]
