@@ -99,6 +99,46 @@ class _KnownSpaceCmaEs(CmaEsSampler):
             return None
 
 
+class _PerTrialSeeds:
+    """Mixed into an Optuna sampler with a generator (``_rng``) and a fallback random sampler:
+    both seeded per trial from (seed, trial number), so a study reopened after a crash does not
+    propose again the points its first process proposed (Optuna's generators restart with each
+    process) and goes on as the uninterrupted study would."""
+
+    _base_seed: int
+
+    def _seed_per_trial(self, seed: int) -> None:
+        self._base_seed = seed
+        self._random_sampler = SeededRandomSampler(seed)
+
+    def _reseed(self, trial: FrozenTrial) -> None:
+        rng = getattr(self, "_rng", None)
+        if rng is not None:
+            rng.rng.seed([self._base_seed, trial.number])
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        self._reseed(trial)
+        return super().sample_relative(study, trial, search_space)  # type: ignore[misc]
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        self._reseed(trial)
+        return super().sample_independent(study, trial, param_name, param_distribution)  # type: ignore[misc]
+
+
+class _SeededTpe(_PerTrialSeeds, TPESampler):
+    def __init__(self, seed: int, **kwargs: Any):
+        super().__init__(seed=seed, **kwargs)
+        self._seed_per_trial(seed)
+
+
+class _SeededNsga2(_PerTrialSeeds, NSGAIISampler):
+    def __init__(self, seed: int, **kwargs: Any):
+        super().__init__(seed=seed, **kwargs)
+        self._seed_per_trial(seed)
+
+
 class _KnownSpaceQmc(QMCSampler):
     """Optuna's QMC sampler, told the search space so the first trial is QMC too."""
 
@@ -302,7 +342,7 @@ class OptunaTpe(OptunaOptimizer):
     known_options = frozenset({"n_startup_trials", "multivariate", "constant_liar"})
 
     def _sampler(self) -> BaseSampler:
-        return TPESampler(
+        return _SeededTpe(
             seed=self.spec.seed,
             n_startup_trials=option(self.spec, "n_startup_trials", 10, int, 0, 100_000),
             multivariate=option(self.spec, "multivariate", True, bool),
@@ -340,4 +380,4 @@ class OptunaNsga2(OptunaOptimizer):
             kwargs["crossover_prob"] = option(self.spec, "crossover_prob", None, float, 0.0, 1.0)
         if "mutation_prob" in o:
             kwargs["mutation_prob"] = option(self.spec, "mutation_prob", None, float, 0.0, 1.0)
-        return NSGAIISampler(**kwargs)
+        return _SeededNsga2(**kwargs)
