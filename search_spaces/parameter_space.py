@@ -42,7 +42,7 @@ from search_spaces.sources import ModelRef, model_string, source_letter
 __all__ = ["METHODS", "MethodInfo", "ParameterSpace", "ParameterSpaceSpec"]
 
 
-START_SIGMA = 0.3  # CMA-ES's first step from the start, as a fraction of each gene's range
+START_SIGMA = 0.25  # CMA-ES's first step from the start, as a fraction of each gene's range
 
 
 @register_space
@@ -132,9 +132,10 @@ class ParameterSpace(SearchSpace):
         return encode_recipe(self.layout, self.genes, recipe)
 
     def start_sigma(self) -> float:
-        """0.3 of each range (about one weight unit in [-0.5, 3]): from task arithmetic a
-        search must reach far, e.g. to drop a harmful expert from +1 to 0; with 1/6 one
-        of 3 seeds stalled on the distractor zoo (bench/search_quality.py)."""
+        """0.25 of each range (about 0.9 weight units in [-0.5, 3]): from task arithmetic a
+        search must reach far, e.g. to drop a harmful expert from +1 to 0; with 1/6 one of 3
+        seeds stalled on the distractor zoo, and 0.25 beat 0.3 by about 2 points on two of
+        four zoo variants and tied on the others (bench/search_quality.py, docs/benchmarks.md)."""
         return START_SIGMA
 
     def start(self) -> dict[str, float]:

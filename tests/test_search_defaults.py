@@ -125,7 +125,7 @@ def test_without_the_option_every_gene_is_searched_from_the_start():
 
 def test_cma_es_steps_far_from_the_start_unless_told():
     space = parameter_space(method="ties")
-    assert create_optimizer({"name": "optuna-cmaes"}, space).spec.sigma0 == space.start_sigma() == 0.3
+    assert create_optimizer({"name": "optuna-cmaes"}, space).spec.sigma0 == space.start_sigma() == 0.25
     assert create_optimizer({"name": "cma", "sigma0": 0.05}, space).spec.sigma0 == 0.05
     stacking = build_space({"kind": "stacking", "base_model": "a",
                             "sources": [{"model": "a", "num_layers": 2}]})
