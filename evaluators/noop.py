@@ -36,6 +36,15 @@ class NoopEvaluator(Evaluator):
         self._rng = random.Random(self.options.seed)
         self._calls = itertools.count()
 
+    supports_rungs = True
+
+    def evaluate_rung(self, model: Any, tokenizer: Any, examples: int, *, fresh: bool) -> EvaluationResult:
+        """The same fingerprint at every rung, counted as ``examples`` per task (at most its limit)."""
+        result = self.evaluate(model, tokenizer)
+        counts = {o.task: min(examples, o.limit) if isinstance(o.limit, int) else examples
+                  for o in self.spec.objectives}
+        return result.model_copy(update={"n_examples": counts})
+
     def evaluate(self, model: Any, tokenizer: Any) -> EvaluationResult:
         start = time.perf_counter()
         next(self._calls)

@@ -45,6 +45,7 @@ def export_card(study: Study, trial: Trial) -> dict[str, Any]:
         "scores": dict(trial.scores or {}),
         "heldout_scores": dict(heldout.get("scores") or {}) if isinstance(heldout, dict) else None,
         "fitness": trial.fitness, "values": list(trial.values) if isinstance(trial.values, list) else None,
+        "cost": study.cost if isinstance(study.cost, dict) else None,
     }
 
 

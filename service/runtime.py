@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from search_spaces.base import SearchSpace
     from search_spaces.recipe import Recipe
     from service.controller.optimizer_store import OptimizerStore
+    from service.controller.race_board import RaceBoard
+    from service.cost import StudyCost
+    from service.score_cache import ScoreCacheContext
     from service.settings import Settings
     from service.spec import StudySpec
     from workers.trial import WorkerSpec
@@ -58,6 +61,11 @@ class StudyRuntime:
     paused: bool = False
     last_saved: float = field(default_factory=time.monotonic)
     worker: WorkerSpec | None = None  # the search workers' spec, validated once (the scheduler's)
+    cost: StudyCost | None = None  # the last recount of its cost (service/cost.py); None: not yet read
+    # the score cache's digests (service/score_cache.py), taken at the first dispatch, and the keys of
+    # the candidates in flight; None: not yet taken
+    score_cache: ScoreCacheContext | None = None
+    race: RaceBoard | None = None  # a raced study's rung values (service/controller/race_board.py)
 
     @overload
     def resolve(self, recipe: Recipe) -> Recipe: ...

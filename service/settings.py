@@ -92,6 +92,9 @@ class Settings(BaseSettings):
         None, ge=1, le=MAX_BYTES, description="host memory of one worker ('128GB', '64GiB' or bytes); unset: "
         "this machine's memory (MemTotal, capped by its cgroup limit) shared by EVOMERGE_MAX_WORKERS local "
         "workers, or unknown when the workers run on a Ray cluster (EVOMERGE_RAY_ADDRESS)")
+    score_cache: bool = Field(
+        True, description="reuse the scores of a candidate scored before, in any study "
+        "(service/score_cache.py); false: every candidate is scored, nothing is looked up or stored")
 
     @field_validator("data_dir")
     @classmethod

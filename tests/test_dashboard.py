@@ -630,3 +630,61 @@ def test_optuna_sees_the_study_and_its_trials(service):
                 sorted(t["values"][0] for t in ours["items"]))
     finally:
         engine.dispose()
+
+
+def test_the_cost_panel_shows_what_was_spent_and_saved(service, browser):
+    """The real study's cost as the API gives it; then a study of rows made by hand (a cache hit and
+    a pruned trial) for the savings and the trial table's marks."""
+    from service.cost import recount
+    from service.db import StudyStatus, Trial
+
+    def cell(part: str, field_: str) -> str:
+        return text(browser, f'#cost-card tr[data-part="{part}"] td[data-field="{field_}"]')
+
+    sid = service.ids["parameter"]
+    study = service.wait_final(sid)
+    open_page(browser, service, f"/studies/{sid}")
+    wait_for(browser, lambda d: cell("spent", "trials") == f"{study['cost']['spent']['trials']} trials",
+             what="the cost panel")
+    assert study["cost"]["spent"]["trials"] == 12 and study["cost"]["spent"]["worker_seconds"] > 0
+    spent_time = '#cost-card tr[data-part="spent"] td[data-field="worker_seconds"] span'
+    seconds = attr(browser, spent_time, "data-seconds")
+    assert float(seconds or 0) == pytest.approx(study["cost"]["spent"]["worker_seconds"])
+
+    data = spec(service.llama, "dashboard: cost", trials=4, budget={"max_examples": 100})
+    rows = [(TrialState.COMPLETE, 20, 5000, 4.0, False, None),
+            (TrialState.COMPLETE, 20, 5000, 4.0, True, None),
+            (TrialState.PRUNED, 5, 1200, 1.0, False, 0), (TrialState.COMPLETE, 20, 5100, 4.2, False, None)]
+    engine = make_engine(service.db_url)
+    with session_factory(engine).begin() as s:
+        row = Study(name=data["name"], spec=data, status=StudyStatus.COMPLETED, trials_done=3)
+        s.add(row)
+        s.flush()
+        for n, (state, examples, tokens, secs, cached, rung) in enumerate(rows):
+            s.add(Trial(study_id=row.id, number=n, state=state, params={"x": n}, values=[0.1 * n],
+                        fitness=0.1 * n, scores={"fingerprint/mean": 0.1 * n}, examples=examples,
+                        tokens=tokens, worker_seconds=secs, cached=cached, rung=rung, started_at=utcnow(),
+                        finished_at=utcnow()))
+        s.add(Baseline(study_id=row.id, name="uniform merge", kind="uniform", state=TrialState.COMPLETE,
+                       fitness=0.2, values=[0.2], scores={"fingerprint/mean": 0.2}, examples=20, tokens=4900,
+                       worker_seconds=3.5))
+        s.flush()
+        cost = recount(s, row.id, full=20)
+        row.cost = cost.model_dump(mode="json")
+        hand = row.id
+    engine.dispose()
+    open_page(browser, service, f"/studies/{hand}")
+    wait_for(browser, lambda d: cell("spent", "examples") == "45", what="the hand-made study's cost")
+    assert cell("spent", "tokens") == "11,300" and cell("spent", "trials") == "3 trials"
+    assert cell("saved_by_cache", "examples") == "20" and cell("saved_by_cache", "tokens") == "5,000"
+    assert cell("saved_by_cache", "trials") == "1 hit"
+    assert cell("saved_by_pruning", "examples") == "15" and cell("saved_by_pruning", "tokens") == "—"
+    assert cell("saved_by_pruning", "worker_seconds") == "≈ 3.0 s"  # 1 s for 5 of 20 examples
+    assert cell("baselines", "examples") == "20" and cell("baselines", "trials") == "1 baseline"
+    notes = text(browser, "#cost-notes")
+    assert "45 of 100 examples" in notes and "takes 20 examples" in notes
+    marks = wait_for(browser, lambda d: attrs(d, "#trial-table .cost-mark", "data-mark"), what="the marks")
+    assert sorted(marks) == ["cached", "pruned"]
+    assert text(browser, '#trial-table tr[data-number="2"] .cost-mark') == "rung 0"
+    screenshot(browser, "study-cost.png")
+    assert not js_errors(browser)

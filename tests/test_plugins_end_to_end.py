@@ -64,7 +64,7 @@ class InProcessPool:
     def __init__(self, spec: WorkerSpec, n: int) -> None:
         self.runner = TrialRunner(pickle.loads(pickle.dumps(spec)))
         self.slots = [None] * n
-        self.running: dict[int, tuple[bytes, int]] = {}  # trial id -> (pickled recipe, attempt)
+        self.running: dict[int, tuple[bytes, int, Any]] = {}  # trial id -> (pickled recipe, attempt, race)
 
     def idle(self) -> int:
         return len(self.slots) - len(self.running)
@@ -72,23 +72,24 @@ class InProcessPool:
     def busy(self) -> bool:
         return bool(self.running)
 
-    def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None) -> None:
+    def submit(self, trial_id: int, recipe: Any, attempt: int = 1, timeout_s: float | None = None,
+               race: Any = None) -> None:
         if not self.idle():
             raise RuntimeError("no idle worker: call idle() before submit()")
-        self.running[trial_id] = (pickle.dumps(recipe), attempt)
+        self.running[trial_id] = (pickle.dumps(recipe), attempt, race)
 
     def wait(self, timeout: float | None = None) -> list[Any]:
         results = []
-        for trial_id, (data, attempt) in list(self.running.items()):
-            result = self._run(trial_id, data)
+        for trial_id, (data, attempt, race) in list(self.running.items()):
+            result = self._run(trial_id, data, race)
             result.attempts = attempt
             results.append(result)
         self.running.clear()
         return results
 
-    def _run(self, trial_id: int, data: bytes) -> Any:
+    def _run(self, trial_id: int, data: bytes, race: Any = None) -> Any:
         """One trial on the "actor": its pickled recipe in, its result pickled back."""
-        return pickle.loads(pickle.dumps(self.runner.run(trial_id, pickle.loads(data))))
+        return pickle.loads(pickle.dumps(self.runner.run(trial_id, pickle.loads(data), race=race)))
 
     def shutdown(self) -> None:
         self.running.clear()

@@ -16,9 +16,12 @@ SEED = 1234
 
 # ---- rung sizes and order ----------------------------------------------------------------------
 def test_rung_sizes_grow_by_eta_and_end_at_full_fidelity():
-    assert FidelitySpec(min_examples=10, eta=3).sizes(200) == [10, 30, 90, 200]
-    assert FidelitySpec(min_examples=10, eta=2, max_examples=50).sizes(200) == [10, 20, 40, 50]
-    assert FidelitySpec(min_examples=25, eta=3, max_examples=900).sizes(200) == [25, 75, 200]
+    assert FidelitySpec(min_examples=10, eta=3).sizes(270) == [10, 30, 90, 270]
+    # a rung less than eta below the full fidelity is dropped: it would cost nearly as much
+    assert FidelitySpec(min_examples=10, eta=3).sizes(200) == [10, 30, 200]
+    assert FidelitySpec(min_examples=10, eta=2, max_examples=50).sizes(200) == [10, 20, 50]
+    assert FidelitySpec(min_examples=25, eta=3, max_examples=900).sizes(200) == [25, 200]
+    assert FidelitySpec(min_examples=10, eta=3).sizes(90) == [10, 30, 90]
     with pytest.raises(ValueError, match="at least two rungs"):
         FidelitySpec(min_examples=50, max_examples=50)
 

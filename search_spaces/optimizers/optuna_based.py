@@ -262,8 +262,12 @@ class OptunaOptimizer(Optimizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if len(pruned.values) == 1:
-                trial.report(pruned.values[0], pruned.rung)
+                trial.report(self._pruned_value(pruned, trials), pruned.rung)
             self.study.tell(point_id, state=TrialState.PRUNED)
+
+    def _pruned_value(self, pruned: Pruned, trials: list[FrozenTrial]) -> float:
+        """The intermediate value a pruned trial reports at its rung: its partial value."""
+        return pruned.values[0]
 
     def untold(self) -> list[int]:
         """Trials still RUNNING in the Optuna study (asked, never told)."""
@@ -304,7 +308,22 @@ class OptunaCmaEs(OptunaOptimizer):
             kwargs["sigma0"] = self.spec.sigma0
         if self.x0 is not None:
             kwargs["x0"] = dict(self.x0)
-        return _KnownSpaceCmaEs(self.distributions, self.spec.seed, **kwargs)
+        # racing: a pruned trial takes its place in its generation with a rank key (_pruned_value)
+        return _KnownSpaceCmaEs(self.distributions, self.spec.seed, consider_pruned_trials=True, **kwargs)
+
+    def _pruned_value(self, pruned: Pruned, trials: list[FrozenTrial]) -> float:
+        """A rank key, not a score: below every full score told so far, a later rung above an
+        earlier one, then by the partial value. CMA-ES ranks only, so its generations fill with
+        every candidate (a pruned one among the worst, as successive halving judged it) and no
+        partial score is ever compared with a full one. Reported as the pruned trial's
+        intermediate value, which Optuna's CMA-ES reads with ``consider_pruned_trials``."""
+        sign = 1.0 if self.spec.directions[0] == "maximize" else -1.0
+        full = [sign * t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        partial = sign * pruned.values[0]
+        low, high = min([*full, partial]), max([*full, partial])
+        span = high - low + 1.0
+        floor = min(full) if full else partial
+        return sign * (floor - span * (pruned.rungs - 1 - pruned.rung) + (partial - low))
 
     def cma_state(self) -> dict[str, Any] | None:
         """Generation, mean (gene coordinates) and step size of the last stored CMA-ES state.

@@ -58,7 +58,7 @@ def _poll(state: AppState, study_id: str, after: int) -> tuple[StudyOut | None, 
 def _progress(study: StudyOut) -> dict[str, Any]:
     return study.model_dump(mode="json", include={
         "id", "status", "trials_done", "trials_failed", "max_trials", "max_seconds", "elapsed_seconds",
-        "best_trial_number", "best_value", "error", "status_reason"})
+        "best_trial_number", "best_value", "error", "status_reason", "cost"})
 
 
 async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[ServerSentEvent]:

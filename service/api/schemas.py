@@ -7,6 +7,7 @@ from typing import Any, Generic, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.cost import StudyCost
 from service.db.models import Baseline, Study, StudyStatus, Trial, TrialState
 from service.spec import Problem
 from service.stored_study import StoredStudy
@@ -91,6 +92,10 @@ class StudyOut(BaseModel):
         "`moved_bytes_per_candidate`, `breakdown`, `limits`, `tiers` (each tier's needs and why it does or "
         "does not fit), `notes` (docs/workers.md, \"Memory: tiers and sizing a worker\"); None for a study "
         "stored before plans existed")
+    cost: Union[StudyCost, None] = Field(
+        None, description="what the study spent on evaluation (examples, tokens, worker-seconds), and what "
+        "pruning and the score cache saved it, recounted from its trials and baselines with every result "
+        "(docs/evaluation.md, \"Cost\"); None until its first result")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "a1b2c3d4e5f6", "name": "zoo: xl addition by per-layer TIES", "status": "running",
@@ -100,7 +105,13 @@ class StudyOut(BaseModel):
         "spec": {"name": "zoo: xl addition by per-layer TIES", "budget": {"max_trials": 300}},
         "memory_plan": {"tier": "resident", "device": "cpu", "candidate_dtype": "float32",
                         "device_bytes": 2_400_000, "host_bytes": 0, "page_cache_bytes": 0,
-                        "moved_bytes_per_candidate": 1_100_000, "cache_task_vectors": False}}]})
+                        "moved_bytes_per_candidate": 1_100_000, "cache_task_vectors": False},
+        "cost": {"spent": {"examples": 4200, "tokens": 1_350_000, "worker_seconds": 512.0, "trials": 42},
+                 "saved_by_cache": {"examples": 0, "tokens": 0, "worker_seconds": 0.0, "trials": 0,
+                                    "baselines": 0},
+                 "saved_by_pruning": {"examples": 0, "worker_seconds": 0.0, "trials": 0},
+                 "baselines": {"examples": 300, "tokens": 96_000, "worker_seconds": 30.5, "trials": 3},
+                 "full_examples": 100}}]})
 
     @classmethod
     def of(cls, study: Study) -> StudyOut:
@@ -115,6 +126,7 @@ class StudyOut(BaseModel):
             elapsed_seconds=study.elapsed_seconds or 0.0, best_trial_number=study.best_trial_number,
             best_value=study.best_value, error=study.error, multi_objective=bool(spec.get("multi_objective")),
             warnings=stored.warnings, spec=spec, memory_plan=stored.memory_plan,
+            cost=StudyCost.model_validate(study.cost) if isinstance(study.cost, dict) else None,
         )
 
 
@@ -134,6 +146,11 @@ class TrialOut(BaseModel):
     attempts: int
     timings: Union[dict[str, Any], None]
     worker: Union[str, None]
+    examples: Union[int, None] = Field(None, description="examples scored (None: not finished)")
+    tokens: Union[int, None] = Field(None, description="tokens through the model's forward passes")
+    worker_seconds: Union[float, None] = Field(None, description="seconds on its worker: build + evaluate")
+    cached: bool = Field(False, description="a score cache hit: its cost fields hold what it saved")
+    rung: Union[int, None] = Field(None, description="racing: the last rung scored (None: not raced)")
     created_at: datetime
     started_at: Union[datetime, None]
     finished_at: Union[datetime, None]
@@ -142,6 +159,7 @@ class TrialOut(BaseModel):
         "number": 37, "state": "complete", "params": {"x0": 0.3}, "recipe": {"merge_method": "ties"},
         "scores": {"zoo_xl_add/exact_match": 0.61}, "metrics": None, "values": [0.61], "fitness": 0.61,
         "failure_reason": None, "attempts": 1, "timings": {"eval_s": 3.2}, "worker": "worker-0",
+        "examples": 100, "tokens": 32_000, "worker_seconds": 3.4, "cached": False, "rung": None,
         "created_at": _NOW, "started_at": _NOW, "finished_at": _NOW}]})
 
     @classmethod
@@ -150,8 +168,9 @@ class TrialOut(BaseModel):
             number=trial.number, state=trial.state, params=trial.params, recipe=trial.recipe,
             scores=trial.scores, metrics=trial.metrics, values=trial.values, fitness=trial.fitness,
             failure_reason=trial.failure_reason, attempts=trial.attempts or 0, timings=trial.timings,
-            worker=trial.worker, created_at=trial.created_at, started_at=trial.started_at,
-            finished_at=trial.finished_at,
+            worker=trial.worker, examples=trial.examples, tokens=trial.tokens,
+            worker_seconds=trial.worker_seconds, cached=bool(trial.cached), rung=trial.rung,
+            created_at=trial.created_at, started_at=trial.started_at, finished_at=trial.finished_at,
         )
 
 
@@ -169,12 +188,17 @@ class BaselineOut(BaseModel):
     heldout_scores: Union[dict[str, Any], None] = Field(
         description="on the held-out split, if the spec has one")
     error: Union[str, None]
+    examples: Union[int, None] = Field(None, description="examples scored on the search evaluation")
+    tokens: Union[int, None] = Field(None, description="tokens through the model's forward passes")
+    worker_seconds: Union[float, None] = Field(None, description="seconds on its worker: build + evaluate")
+    cached: bool = Field(False, description="a score cache hit: its cost fields hold what it saved")
 
     @classmethod
     def of(cls, b: Baseline) -> BaselineOut:
         return cls(name=b.name, kind=b.kind, state=b.state, recipe=b.recipe, scores=b.scores,
                    values=b.values if isinstance(b.values, list) else None, fitness=b.fitness,
-                   heldout_scores=b.heldout_scores, error=b.error)
+                   heldout_scores=b.heldout_scores, error=b.error, examples=b.examples, tokens=b.tokens,
+                   worker_seconds=b.worker_seconds, cached=bool(b.cached))
 
 
 class Page(BaseModel, Generic[T]):

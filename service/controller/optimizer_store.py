@@ -32,7 +32,7 @@ from service.db import Study
 
 if TYPE_CHECKING:
     from search_spaces.base import SearchSpace
-    from search_spaces.optimizers.base import Optimizer, Point
+    from search_spaces.optimizers.base import Optimizer, Point, Pruned
     from service.validation import ValidatedStudy
 
 log = logging.getLogger("evomerge.controller")
@@ -73,19 +73,22 @@ class OptimizerStore:
             s.execute(update(Study).where(Study.id == self.study_id)
                       .values(optimizer_state=self.optimizer.state()))
 
-    def tell(self, point_id: int | None, values: Iterable[float] | None, reason: str | None) -> None:
-        """Tell a result in memory: its values, or a failure for ``reason``. A point already told
+    def tell(self, point_id: int | None, values: Iterable[float] | Pruned | None, reason: str | None) -> None:
+        """Tell a result in memory: its values (a ``Pruned`` for a candidate racing stopped), or a
+        failure for ``reason``. A point already told
         (a replay after a restart) is logged and left as it is."""
-        from search_spaces.optimizers.base import Failure, OptimizerError
+        from search_spaces.optimizers.base import Failure, OptimizerError, Pruned
 
         if point_id is None:
             return
+        result = values if isinstance(values, Pruned) else (
+            list(values) if values is not None else Failure(reason or ""))
         try:
-            self.optimizer.tell(point_id, list(values) if values is not None else Failure(reason or ""))
+            self.optimizer.tell(point_id, result)
         except OptimizerError as err:
             log.info("study %s: tell(%s) skipped: %s", self.study_id, point_id, err)
 
-    def tell_in(self, s: Session, point_id: int | None, values: Iterable[float] | None,
+    def tell_in(self, s: Session, point_id: int | None, values: Iterable[float] | Pruned | None,
                 reason: str | None) -> None:
         """Inside the transaction that records the trial: a state-kept optimizer is told now and its
         state saved with the row."""
@@ -93,7 +96,8 @@ class OptimizerStore:
             self.tell(point_id, values, reason)
             self.save(s)
 
-    def tell_after(self, point_id: int | None, values: Iterable[float] | None, reason: str | None) -> None:
+    def tell_after(self, point_id: int | None, values: Iterable[float] | Pruned | None,
+                   reason: str | None) -> None:
         """Once that transaction has committed: a storage-kept optimizer is told now."""
         if not self.saved_with_rows:
             self.tell(point_id, values, reason)

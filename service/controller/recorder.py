@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import score_cache
+from service.controller.race_board import keep_rungs, pruned_result
+from service.cost import full_examples, recount
 from service.db import Baseline, Event, Study, Trial, TrialState, utcnow
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.db import ScoreCacheEntry
     from service.runtime import StudyRuntime
     from workers.retry import RetryNotice
     from workers.trial import TrialResult
@@ -44,6 +48,7 @@ class ResultRecorder:
             if row is None or row.state != TrialState.RUNNING:
                 return
             self._fill(row, result)
+            keep_rungs(row, result.rungs)
             row.state = TrialState.COMPLETE
             row.values = values
             row.fitness = fitness
@@ -53,6 +58,35 @@ class ResultRecorder:
             s.add(Event(study_id=rt.study_id, kind="trial_complete",
                         data={"number": row.number, "values": values, "scores": result.scores}))
         rt.store.tell_after(point, values, None)
+        if rt.race is not None:
+            rt.race.record(result.rungs)
+        score_cache.keep(self.sessions, rt, trial_id, result)  # under the key it was dispatched with
+
+    def pruned(self, rt: StudyRuntime, trial_id: int, result: TrialResult) -> None:
+        """A trial racing stopped after a rung: recorded ``pruned`` with its partial values and
+        scores (``fitness`` stays empty: a partial score is never a study's best), told to the
+        optimizer as pruned (search_spaces.optimizers.base.Pruned), never as a full score."""
+        values = [float(v) for v in result.values]
+        if rt.race is None or not result.rungs:
+            self.fail(rt, trial_id, "the worker pruned a trial of a study that is not raced", result=result)
+            return
+        told = pruned_result(values, result.rungs[-1].rung, rt.race)
+        with self.sessions.begin() as s:
+            row = s.get(Trial, trial_id)
+            if row is None or row.state != TrialState.RUNNING:
+                return
+            self._fill(row, result)
+            keep_rungs(row, result.rungs)
+            row.state = TrialState.PRUNED
+            row.values = values
+            point = int(row.point_id) if row.point_id is not None else None
+            rt.store.tell_in(s, point, told, None)
+            self.update_counters(s, rt, None, None)
+            s.add(Event(study_id=rt.study_id, kind="trial_pruned",
+                        data={"number": row.number, "rung": row.rung, "examples": result.rungs[-1].examples,
+                              "values": values, "scores": result.scores}))
+        rt.store.tell_after(point, told, None)
+        rt.race.record(result.rungs)
 
     def fail(self, rt: StudyRuntime, trial_id: int, reason: str, result: TrialResult | None = None) -> None:
         """A trial failed for ``reason`` (with what its worker reported, if it did); told as a failure."""
@@ -125,11 +159,60 @@ class ResultRecorder:
                 row.values = values
                 row.fitness = values[0] if values is not None and len(values) == 1 else None
                 row.finished_at = utcnow()
+                row.examples, row.tokens = result.cost.examples, result.cost.tokens
+                row.worker_seconds = result.cost.worker_seconds
             if not ok:
                 row.error = result.error or "the worker reported a failure"
             kind = "baseline_heldout_scored" if heldout else "baseline_scored"
             s.add(Event(study_id=rt.study_id, kind=kind,
                         data={"name": row.name, "scores": dict(result.scores), "error": result.error}))
+            if not heldout:
+                self.update_counters(s, rt, None, None)  # the study's cost counts its baselines
+        if not heldout:
+            score_cache.keep(self.sessions, rt, -baseline_id, result)
+
+    # ---- score cache hits (service/score_cache.py) ---------------------------------------------------
+    # A hit never reaches a worker. On its row (``cached`` true) ``examples``, ``tokens`` and
+    # ``worker_seconds`` are what the hit saved (the cost of the first scoring), not what it spent.
+    def complete_cached(self, rt: StudyRuntime, trial_id: int, entry: ScoreCacheEntry) -> None:
+        """A trial whose candidate was scored before: completed at once and told as :meth:`complete`."""
+        values = [float(v) for v in entry.values]
+        fitness = values[0] if len(values) == 1 else None
+        with self.sessions.begin() as s:
+            row = s.get(Trial, trial_id)
+            if row is None or row.state != TrialState.RUNNING:
+                return
+            row.state, row.values, row.fitness = TrialState.COMPLETE, values, fitness
+            row.scores = entry.scores
+            row.metrics = {**(row.metrics or {}), **entry.metrics} if entry.metrics else row.metrics
+            self._saved(row, entry)
+            point = int(row.point_id) if row.point_id is not None else None
+            rt.store.tell_in(s, point, values, None)
+            self.update_counters(s, rt, row.number, fitness)
+            s.add(Event(study_id=rt.study_id, kind="trial_complete",
+                        data={"number": row.number, "values": values, "scores": entry.scores,
+                              "cached": True}))
+        rt.store.tell_after(point, values, None)
+
+    def baseline_cached(self, rt: StudyRuntime, baseline_id: int, entry: ScoreCacheEntry) -> None:
+        """A baseline scored before (in this study or another): recorded at once."""
+        values = [float(v) for v in entry.values]
+        with self.sessions.begin() as s:
+            row = s.get(Baseline, baseline_id)
+            if row is None:
+                return
+            row.state, row.values, row.scores = TrialState.COMPLETE, values, entry.scores
+            row.fitness = values[0] if len(values) == 1 else None
+            self._saved(row, entry)
+            s.add(Event(study_id=rt.study_id, kind="baseline_scored",
+                        data={"name": row.name, "scores": entry.scores, "error": None, "cached": True}))
+            self.update_counters(s, rt, None, None)
+
+    @staticmethod
+    def _saved(row: Trial | Baseline, entry: ScoreCacheEntry) -> None:
+        row.cached = True
+        row.examples, row.tokens, row.worker_seconds = entry.examples, entry.tokens, entry.worker_seconds
+        row.finished_at = utcnow()
 
     # ---- the study's counters ----------------------------------------------------------------------
     def update_counters(self, s: Session, rt: StudyRuntime, number: int | None,
@@ -142,10 +225,13 @@ class ResultRecorder:
         counts = dict(s.execute(select(Trial.state, func.count()).where(Trial.study_id == rt.study_id)
                                 .group_by(Trial.state)).all())
         values: dict[str, Any] = {
-            "trials_done": counts.get(TrialState.COMPLETE, 0) + counts.get(TrialState.FAILED, 0),
+            "trials_done": sum(counts.get(state, 0) for state in
+                               (TrialState.COMPLETE, TrialState.FAILED, TrialState.PRUNED)),
             "trials_failed": counts.get(TrialState.FAILED, 0),
             "elapsed_seconds": rt.elapsed(),
         }
+        rt.cost = recount(s, rt.study_id, full_examples(rt.validated.evaluation))  # service/cost.py
+        values["cost"] = rt.cost.model_dump(mode="json")
         if fitness is not None:
             better = or_(Study.best_value.is_(None), Study.best_value < fitness)
             values["best_value"] = case((better, fitness), else_=Study.best_value)
@@ -161,4 +247,9 @@ class ResultRecorder:
         row.timings = {**result.timings.model_dump(), "peak_memory_bytes": result.peak_memory_bytes}
         row.worker = result.worker or None
         row.attempts = max(row.attempts, result.attempts)
+        row.examples, row.tokens = result.cost.examples, result.cost.tokens
+        # a failed trial reports no cost, yet held its worker: its wall time there
+        t = result.timings
+        ran = max(t.finished_at - t.started_at, 0.0) if t.started_at else 0.0
+        row.worker_seconds = result.cost.worker_seconds or ran
         row.finished_at = utcnow()

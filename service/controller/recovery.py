@@ -19,10 +19,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.controller.optimizer_store import OptimizerStore
+from service.controller.race_board import RaceBoard, pruned_result
 from service.db import Event, Study, StudyStatus, Trial, TrialState, utcnow
 from service.faults import write_fault
 from service.runtime import StudyRuntime, pool_key, validate_stored, worker_spec_data
 from service.settings import Settings
+from service.spec.fidelity import race_sizes
 from workers.retry import CONTROLLER_RESTARTED, MAX_ATTEMPTS, may_retry
 
 if TYPE_CHECKING:
@@ -109,6 +111,10 @@ class Recovery:
             if started:
                 s.add(Event(study_id=study_id, kind="study_started",
                             data={"warnings": validated.warnings}))
+        sizes = race_sizes(validated.spec.fidelity, [o.limit for o in validated.evaluation.objectives])
+        if sizes is not None and validated.spec.fidelity is not None:
+            with self.sessions() as s:
+                rt.race = RaceBoard.load(s, study_id, sizes, validated.spec.fidelity.eta)
         self.runtimes[study_id] = rt
         log.info("study %s: controlling it (%s)", study_id, validated.optimizer.name)
         self._recover(rt)
@@ -136,6 +142,8 @@ class Recovery:
                 rt.store.tell(number, None, "asked, never recorded (controller restart)")
             elif row.state == TrialState.COMPLETE:
                 rt.store.tell(number, row.values, None)
+            elif row.state == TrialState.PRUNED and rt.race is not None and row.values:
+                rt.store.tell(number, pruned_result(row.values, row.rung or 0, rt.race), None)
             elif row.state.finished:
                 rt.store.tell(number, None, row.failure_reason or row.state.value)
         for t in trials:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import score_cache
+from service.cost import cost_budget_reached
 from service.db import Study, Trial, TrialState, utcnow
 from service.runtime import build_worker_spec
 from service.settings import Settings
@@ -114,10 +116,10 @@ class Scheduler:
             return False
         return bool(rt.baselines) or not self._budget_spent(rt)
 
-    @staticmethod
-    def _budget_spent(rt: StudyRuntime) -> bool:
+    def _budget_spent(self, rt: StudyRuntime) -> bool:
         budget = rt.spec.budget
-        if budget.max_seconds is not None and rt.elapsed() >= budget.max_seconds:
+        timed_out = budget.max_seconds is not None and rt.elapsed() >= budget.max_seconds
+        if timed_out or cost_budget_reached(self.sessions, rt):  # max_examples, max_worker_seconds
             return True
         if budget.max_trials is not None:
             return rt.used >= budget.max_trials
@@ -130,7 +132,8 @@ class Scheduler:
         with self.sessions() as s:
             return int(s.scalar(select(func.count(Trial.id)).where(
                 Trial.study_id == study_id,
-                Trial.state.in_([TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAILED]))) or 0)
+                Trial.state.in_([TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAILED,
+                                 TrialState.PRUNED]))) or 0)
 
     # ---- dispatch --------------------------------------------------------------------------------
     def _dispatch(self) -> int:
@@ -151,10 +154,15 @@ class Scheduler:
                 if pool is None or not pool.idle():
                     continue
                 if rt.baselines:  # references first: they are few and the dashboard shows them at once
+                    entry = score_cache.check(self.sessions, self.settings, rt, -rt.baselines[0][0],
+                                              rt.baselines[0][1])  # scored before (service/score_cache.py)?
                     baseline_id, recipe = rt.baselines.pop(0)
-                    rt.in_flight[-baseline_id] = -1
-                    self._owner[-baseline_id] = rt.study_id
-                    pool.submit(-baseline_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
+                    if entry is not None:  # a cache hit: recorded now, no worker
+                        self.recorder.baseline_cached(rt, baseline_id, entry)
+                    else:
+                        rt.in_flight[-baseline_id] = -1
+                        self._owner[-baseline_id] = rt.study_id
+                        pool.submit(-baseline_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)
                     sent += 1
                     progress = True
                     continue
@@ -175,7 +183,8 @@ class Scheduler:
             if pool is None or not pool.idle():
                 continue
             self._resubmit.remove(item)
-            pool.submit(trial_id, recipe, attempt=attempt, timeout_s=rt.spec.trial_timeout_seconds)
+            pool.submit(trial_id, recipe, attempt=attempt, timeout_s=rt.spec.trial_timeout_seconds,
+                        race=rt.race.ticket() if rt.race is not None else None)
             self._owner[trial_id] = study_id
             sent += 1
         return sent
@@ -191,6 +200,7 @@ class Scheduler:
             stored = recipe.model_dump(mode="json")
         except Exception as err:  # a point the space cannot decode is a failed trial
             error = f"the point could not be decoded into a recipe: {err}"
+        found = score_cache.probe(self.sessions, self.settings, rt, recipe) if recipe is not None else None
         now = utcnow()
         with self.sessions.begin() as s:
             trial = Trial(study_id=rt.study_id, number=rt.next_number, point_id=str(point.id),
@@ -208,9 +218,13 @@ class Scheduler:
         if error is not None:
             self.recorder.fail_unstarted(rt, trial_id, point.id, error)
             return True
+        if (entry := score_cache.settle(rt, trial_id, found)) is not None:  # scored before: no worker
+            self.recorder.complete_cached(rt, trial_id, entry)
+            return True
         rt.in_flight[trial_id] = rt.next_number - 1
         self._owner[trial_id] = rt.study_id
-        pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds)  # the object, not its JSON
+        pool.submit(trial_id, recipe, timeout_s=rt.spec.trial_timeout_seconds,  # the object, not its JSON
+                    race=rt.race.ticket() if rt.race is not None else None)
         return True
 
     # ---- results ---------------------------------------------------------------------------------
@@ -232,6 +246,8 @@ class Scheduler:
         rt.in_flight.pop(result.trial_id)
         if result.trial_id < 0:
             self.recorder.baseline(rt, -result.trial_id, result, heldout=False)
+        elif result.state == "pruned":
+            self.recorder.pruned(rt, result.trial_id, result)
         elif result.state != "complete":
             self.recorder.fail(rt, result.trial_id, result.error or "the worker reported a failure",
                                result=result)

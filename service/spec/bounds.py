@@ -6,3 +6,6 @@ MAX_SECONDS = 30 * 24 * 3600.0  # 30 days
 MAX_PARALLELISM = 64
 MAX_SOURCES = 64
 MAX_HELDOUT_TOP_K = 100
+# a cost budget: examples scored, and seconds on workers (64 workers for 30 days)
+MAX_BUDGET_EXAMPLES = 10_000_000_000
+MAX_WORKER_SECONDS = MAX_PARALLELISM * MAX_SECONDS

@@ -34,8 +34,15 @@ class FidelitySpec(BaseModel):
     def sizes(self, full: int) -> list[int]:
         """Examples per task of each rung, for a study whose largest task limit is ``full``."""
         top = min(self.max_examples or full, full)
-        sizes, n = [], self.min_examples
-        while n < top:
+        sizes, n = [self.min_examples], self.min_examples * self.eta
+        while n * self.eta <= top:  # a rung less than eta below the top would cost nearly as much
             sizes.append(n)
             n *= self.eta
         return [*sizes, top]
+
+
+def race_sizes(fidelity: FidelitySpec | None, limits: list[int | float | None]) -> list[int] | None:
+    """A study's rung sizes (None: not raced); ``limits``: its objectives' (counts, validated)."""
+    if fidelity is None:
+        return None
+    return fidelity.sizes(max(int(limit) for limit in limits if limit is not None))

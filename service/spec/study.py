@@ -13,8 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evaluators.base import MAX_LIMIT, MAX_OBJECTIVES, EvaluationSpec
 from search_spaces.optimizers.base import OptimizerSpec
-from service.spec.bounds import MAX_HELDOUT_TOP_K, MAX_PARALLELISM, MAX_SECONDS, MAX_SOURCES, MAX_TRIALS
+from service.spec.bounds import (
+    MAX_BUDGET_EXAMPLES,
+    MAX_HELDOUT_TOP_K,
+    MAX_PARALLELISM,
+    MAX_SECONDS,
+    MAX_SOURCES,
+    MAX_TRIALS,
+    MAX_WORKER_SECONDS,
+)
 from service.spec.examples import DEMO_EXAMPLE, MULTI_OBJECTIVE_EXAMPLE
+from service.spec.fidelity import FidelitySpec
 from service.spec.forms import SourceRef, SpaceForm, space_form_union, sync_space_forms
 from service.spec.problems import Problem, StudyValidationError
 from service.spec.pydantic_errors import problems_from_pydantic
@@ -52,7 +61,9 @@ class HeldoutSpec(BaseModel):
 
 
 class Budget(BaseModel):
-    """When the study stops: after ``max_trials`` trials or ``max_seconds``, whichever first."""
+    """When the study stops: after ``max_trials`` trials, ``max_seconds`` of wall clock,
+    ``max_worker_seconds`` of worker time or ``max_examples`` scored, whichever first (the cost
+    budgets count the trials' cost, service/cost.py: cache hits are free, baselines not counted)."""
 
     model_config = ConfigDict(extra="forbid")
     # bounds enforced by the validators below (their messages say what to do instead)
@@ -61,6 +72,14 @@ class Budget(BaseModel):
     max_seconds: float | None = Field(
         default=None, description=f"wall-clock seconds, up to {MAX_SECONDS:.0f}",
         json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_SECONDS})
+    max_worker_seconds: float | None = Field(
+        default=None, description="seconds on workers (building and scoring), summed over the workers, up "
+        f"to {MAX_WORKER_SECONDS:.0f}",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_WORKER_SECONDS})
+    max_examples: int | None = Field(
+        default=None, description=f"examples scored, summed over the trials and tasks, 1 … "
+        f"{MAX_BUDGET_EXAMPLES}",
+        json_schema_extra={"minimum": 1, "maximum": MAX_BUDGET_EXAMPLES})
 
     @field_validator("max_trials")
     @classmethod
@@ -83,10 +102,33 @@ class Budget(BaseModel):
             )
         return v
 
+    @field_validator("max_worker_seconds")
+    @classmethod
+    def _worker_seconds(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and 0 < v <= MAX_WORKER_SECONDS):
+            raise ValueError(
+                f"max_worker_seconds {v} is outside (0, {MAX_WORKER_SECONDS:.0f}] (64 workers for 30 days): "
+                "give a positive, finite number of seconds"
+            )
+        return v
+
+    @field_validator("max_examples")
+    @classmethod
+    def _examples(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_BUDGET_EXAMPLES:
+            raise ValueError(
+                f"max_examples {v} is outside 1 … {MAX_BUDGET_EXAMPLES}: "
+                + ("a study needs at least one example scored" if v < 1 else
+                   "run successive studies instead, each starting from the previous best (optimizer.x0)")
+            )
+        return v
+
     @model_validator(mode="after")
     def _some_limit(self) -> Budget:
-        if self.max_trials is None and self.max_seconds is None:
-            raise ValueError("the budget is empty: set max_trials, max_seconds, or both")
+        if all(v is None for v in (self.max_trials, self.max_seconds, self.max_worker_seconds,
+                                   self.max_examples)):
+            raise ValueError("the budget is empty: set max_trials, max_seconds, max_worker_seconds or "
+                             "max_examples (any of them; the first reached stops the study)")
         return self
 
 
@@ -143,6 +185,10 @@ class StudySpec(BaseModel):
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="how points are proposed")
     budget: Budget = Field(description="when the study stops")
+    fidelity: FidelitySpec | None = Field(
+        default=None, description="race candidates over growing rungs of examples and stop the weak ones "
+        "early (asynchronous successive halving; docs/evaluation.md, 'Racing'); default: every candidate "
+        "is scored on every example of its limit")
     parallelism: int = Field(default=1, ge=1, le=MAX_PARALLELISM, description="candidates scored at once")
     trial_timeout_seconds: float | None = Field(
         default=None, ge=1, le=7 * 24 * 3600.0,

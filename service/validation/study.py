@@ -13,6 +13,7 @@ from search_spaces.optimizers.base import OptimizerSpec
 from search_spaces.sources import StudyRef
 from service.spec import StudySpec, StudyValidationError
 from service.validation.evaluation import check_eval_paths, check_evaluation, check_heldout
+from service.validation.fidelity import check_fidelity
 from service.validation.models import ResolvedModel, SettingsLike, StudyResolver
 from service.validation.optimizer import budget_warnings, check_optimizer
 from service.validation.problems import Problems, spec_order
@@ -79,6 +80,7 @@ def validate_study(spec: StudySpec | Mapping[str, Any], settings: SettingsLike, 
         evaluation = check_evaluation(evaluation_in, problems, ["evaluation"])
     if evaluation is not None:
         heldout = check_heldout(spec, evaluation, problems)
+    check_fidelity(spec, problems)
     optimizer = check_optimizer(spec, len(spec.evaluation.objectives), models.space, models.aliases, problems)
     plan = plan_worker_memory(spec, models, settings, problems) if models.space is not None else None
 

@@ -21,11 +21,15 @@ export function eta(study) {
   return left.length ? Math.min(...left) : null;
 }
 
-/** Fraction of the budget used: the larger of trials and time. */
+/** Fraction of the budget used: the largest of trials, time, examples and worker time. */
 export function budgetUsed(study) {
   const parts = [];
   if (study.max_trials) parts.push((study.trials_done + (study.trials_failed || 0)) / study.max_trials);
   if (study.max_seconds) parts.push(study.elapsed_seconds / study.max_seconds);
+  const budget = (study.spec && study.spec.budget) || {};
+  const spent = study.cost && study.cost.spent; // the cost budgets (service/cost.py)
+  if (spent && budget.max_examples) parts.push(spent.examples / budget.max_examples);
+  if (spent && budget.max_worker_seconds) parts.push(spent.worker_seconds / budget.max_worker_seconds);
   if (study.status === "completed") return 1;
   return parts.length ? Math.min(1, Math.max(...parts)) : 0;
 }

@@ -2,6 +2,7 @@
 
 import { allPages, api, ApiError, followEvents } from "./api.js";
 import { debounce, duration, errorBox, facts, fill, h, modelName, num, progressBar, statusBadge, timeAgo } from "./dom.js";
+import { costPanel } from "./cost.js";
 import { exportsPanel } from "./exports.js";
 import { baselinesTable, fitnessChart, objectiveNames, objectivesChart, paretoChart } from "./plots.js";
 import { recipeCard } from "./recipecard.js";
@@ -145,6 +146,7 @@ export function mountStudy(root, params, nav) {
       s.error ? h("div", { class: "error-box", id: "study-error" }, h("strong", {}, "The study failed: "), s.error) : null,
       s.status_reason ? h("div", { class: "warn-box", id: "study-status-reason", role: "status" }, h("strong", {}, "Not progressing: "), s.status_reason) : null,
       (s.warnings || []).length ? h("div", { class: "warn-box" }, h("strong", {}, "Warnings"), h("ul", {}, s.warnings.map((w) => h("li", {}, w)))) : null);
+    fill(ui.cost, costPanel(s));
     ui.title.textContent = s.name;
     document.title = `${s.name} · evomerge`;
   }
@@ -328,6 +330,7 @@ export function mountStudy(root, params, nav) {
       objectives: h("div", { class: "chart-host", id: "objectives-host" }),
       pareto: h("div", { class: "chart-host", id: "pareto-host" }),
       baselines: h("div", { id: "baselines-host" }),
+      cost: h("div", { id: "cost-host" }),
       recipe: recipeCard({ studyId: id }),
       events: h("ol", { class: "event-log", id: "event-log" }),
       drawerBody: h("div", { class: "drawer-body" }),
@@ -352,6 +355,7 @@ export function mountStudy(root, params, nav) {
         card("Score per objective", "objectives-card", ui.objectives, s.multi_objective ? modeButtons : null),
         card(recipeTitle, "recipe-card", ui.recipe.node),
         card("Baselines", "baselines-card", ui.baselines),
+        card("Cost", "cost-card", ui.cost),
         card("Trials", "trials-card", ui.table.node),
         ui.exportsCard,
         card("Live events", "events-card", ui.events)),

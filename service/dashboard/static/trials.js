@@ -13,6 +13,16 @@ function trialSeconds(t) {
   return a !== null && b !== null ? (b - a) / 1000 : null;
 }
 
+/** A trial's cost mark: "cached" (a score cache hit, it cost nothing) or the rung racing stopped it at. */
+function costMark(t) {
+  if (t.cached) return h("span", { class: "tag cost-mark", dataset: { mark: "cached" }, title: "a score cache hit: no worker time spent" }, "cached");
+  if (t.state === "pruned") {
+    return h("span", { class: "tag cost-mark", dataset: { mark: "pruned" }, title: `stopped early by racing after ${num(t.examples)} examples` },
+      t.rung !== null && t.rung !== undefined ? `rung ${t.rung}` : "pruned");
+  }
+  return null;
+}
+
 /** The table; `onOpen(number)` when a row is clicked. */
 export function trialTable({ studyId, onOpen, multiObjective = false }) {
   let sort = "-number";
@@ -25,7 +35,7 @@ export function trialTable({ studyId, onOpen, multiObjective = false }) {
   const pager = h("div", { class: "pager" });
   const stateSel = h("select", { "aria-label": "trial state", onchange: () => { stateFilter = stateSel.value; offset = 0; reload(); } },
     h("option", { value: "" }, "all states"),
-    ["complete", "running", "pending", "failed", "cancelled"].map((st) => h("option", { value: st }, st)));
+    ["complete", "pruned", "running", "pending", "failed", "cancelled"].map((st) => h("option", { value: st }, st)));
   const sizeSel = h("select", { "aria-label": "page size", onchange: () => { pageSize = Number(sizeSel.value); offset = 0; reload(); } },
     [50, 100, 500].map((n) => h("option", { value: n, selected: n === pageSize }, `${n} per page`)));
 
@@ -57,7 +67,7 @@ export function trialTable({ studyId, onOpen, multiObjective = false }) {
         class: `trial-row state-${t.state}`, dataset: { number: t.number }, tabindex: 0,
         onclick: () => onOpen(t.number), onkeydown: (e) => { if (e.key === "Enter") onOpen(t.number); },
       },
-      h("td", { class: "num" }, t.number), h("td", {}, statusBadge(t.state),
+      h("td", { class: "num" }, t.number), h("td", {}, statusBadge(t.state), costMark(t),
         t.failure_reason ? h("div", { class: "error-text small clip", title: t.failure_reason }, t.failure_reason) : null),
       h("td", { class: "num" }, multiObjective ? (Array.isArray(t.values) ? t.values.map((v) => num(v)).join(", ") : "—") : num(t.fitness)),
       keys.map((k) => h("td", { class: "num" }, num((t.scores || {})[k]))),
@@ -158,6 +168,10 @@ export async function trialDetail(studyId, number, { onExport, onClose }) {
       ["started", dateTime(trial.started_at)],
       ["finished", dateTime(trial.finished_at)],
       ["took", duration(trialSeconds(trial))],
+      ["cost", trial.examples === null || trial.examples === undefined ? "—"
+        : `${num(trial.examples)} examples · ${num(trial.tokens)} tokens · ${num(trial.worker_seconds, 3)} s on its worker`
+          + (trial.cached ? " (saved: a score cache hit)" : "")],
+      trial.rung !== null && trial.rung !== undefined ? ["rung", String(trial.rung)] : null,
     ]),
     h("div", { class: "two-col" },
       h("section", {}, h("h3", {}, "Scores"), kv(trial.scores)),
