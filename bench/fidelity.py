@@ -56,7 +56,7 @@ class RacedRun:
         self.board = None
         if fidelity is not None:
             spec = FidelitySpec(**fidelity)
-            self.board = RaceBoard(spec.sizes(LIMIT), spec.eta)
+            self.board = RaceBoard(spec.sizes(LIMIT), spec.eta, spec.window)
         self.heldout_of: dict[str, float] = {}
 
     def heldout(self, recipe: dict[str, Any]) -> float:
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=300, help="the full-fidelity study's trials")
     parser.add_argument("--min-examples", type=int, default=20)
     parser.add_argument("--eta", type=int, default=3)
+    parser.add_argument("--window", type=int, default=None, help="fidelity.window (default: all)")
     parser.add_argument("--share", type=float, default=3.0,
                         help="the racing study scores 1/share of the full study's examples")
     parser.add_argument("--optimizer", type=json.loads, default={}, help="optimizer fields (JSON) for both")
@@ -155,7 +156,7 @@ def main() -> None:
     from service.settings import get_settings
     from workers.zoo.build import build_zoo
 
-    fidelity = {"min_examples": args.min_examples, "eta": args.eta}
+    fidelity = {"min_examples": args.min_examples, "eta": args.eta, "window": args.window}
     results: dict[str, Any] = {}
     for name in args.variants:
         facts = variant_facts(name)

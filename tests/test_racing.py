@@ -152,3 +152,16 @@ def test_a_worker_prunes_where_the_ticket_says_and_reports_partial_scores(tasks)
     assert pruned.state == "pruned" and len(pruned.rungs) == 1
     assert pruned.values == pruned.rungs[0].values != plain.values
     assert pruned.cost.examples < plain.cost.examples
+
+
+def test_a_window_compares_with_the_latest_candidates_only():
+    """As the search improves, a new candidate beats most of history: against the last
+    `window` candidates of its rung it must still be in their top 1/eta."""
+    from service.controller.race_board import RaceBoard
+
+    board = RaceBoard([10, 30, 90], 3, window=6)
+    for v in range(30):
+        board.record([{"rung": 0, "values": [v / 100]}])
+    everyone, recent = RaceBoard([10, 30, 90], 3, recorded=board.recorded), board
+    assert everyone.ticket().goes_on(0, 0.25) and not recent.ticket().goes_on(0, 0.25)
+    assert recent.ticket().reached == [6, 0] and recent.ticket().goes_on(0, 0.28)

@@ -29,47 +29,24 @@ resumed study proposes exactly what the uninterrupted one would have:
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
-from optuna.samplers import BaseSampler, CmaEsSampler, NSGAIISampler, QMCSampler, TPESampler
+from optuna.samplers import BaseSampler, CmaEsSampler, QMCSampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.genes import GeneSet
 from search_spaces.optimizers import register
 from search_spaces.optimizers.base import Optimizer, OptimizerError, OptimizerSpec, Point, Pruned, option
+from search_spaces.optimizers.optuna_seeding import SeededNsga2, SeededRandomSampler, SeededTpe
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DEFAULT_STUDY_NAME = "evomerge"
-
-
-class SeededRandomSampler(BaseSampler):
-    """Uniform sampling where each value depends only on (seed, trial number, gene):
-    the same trial gets the same point in any process, whatever happened before."""
-
-    def __init__(self, seed: int):
-        self._seed = seed
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
-        return {}
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
-        return {}
-
-    def sample_independent(
-        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
-    ) -> Any:
-        if not isinstance(param_distribution, FloatDistribution) or param_distribution.log:
-            raise TypeError(f"{param_name}: only linear float distributions are sampled here")
-        rng = np.random.default_rng([self._seed, trial.number, zlib.crc32(param_name.encode())])
-        low, high = param_distribution.low, param_distribution.high
-        return float(min(low + rng.random() * (high - low), high))
 
 
 class _KnownSpaceCmaEs(CmaEsSampler):
@@ -97,46 +74,6 @@ class _KnownSpaceCmaEs(CmaEsSampler):
             return self._restore_optimizer(completed)
         except AttributeError:  # Optuna changed its private layout: no summary, search unaffected
             return None
-
-
-class _PerTrialSeeds:
-    """Mixed into an Optuna sampler with a generator (``_rng``) and a fallback random sampler:
-    both seeded per trial from (seed, trial number), so a study reopened after a crash does not
-    propose again the points its first process proposed (Optuna's generators restart with each
-    process) and goes on as the uninterrupted study would."""
-
-    _base_seed: int
-
-    def _seed_per_trial(self, seed: int) -> None:
-        self._base_seed = seed
-        self._random_sampler = SeededRandomSampler(seed)
-
-    def _reseed(self, trial: FrozenTrial) -> None:
-        rng = getattr(self, "_rng", None)
-        if rng is not None:
-            rng.rng.seed([self._base_seed, trial.number])
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
-        self._reseed(trial)
-        return super().sample_relative(study, trial, search_space)  # type: ignore[misc]
-
-    def sample_independent(
-        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
-    ) -> Any:
-        self._reseed(trial)
-        return super().sample_independent(study, trial, param_name, param_distribution)  # type: ignore[misc]
-
-
-class _SeededTpe(_PerTrialSeeds, TPESampler):
-    def __init__(self, seed: int, **kwargs: Any):
-        super().__init__(seed=seed, **kwargs)
-        self._seed_per_trial(seed)
-
-
-class _SeededNsga2(_PerTrialSeeds, NSGAIISampler):
-    def __init__(self, seed: int, **kwargs: Any):
-        super().__init__(seed=seed, **kwargs)
-        self._seed_per_trial(seed)
 
 
 class _KnownSpaceQmc(QMCSampler):
@@ -361,7 +298,7 @@ class OptunaTpe(OptunaOptimizer):
     known_options = frozenset({"n_startup_trials", "multivariate", "constant_liar"})
 
     def _sampler(self) -> BaseSampler:
-        return _SeededTpe(
+        return SeededTpe(
             seed=self.spec.seed,
             n_startup_trials=option(self.spec, "n_startup_trials", 10, int, 0, 100_000),
             multivariate=option(self.spec, "multivariate", True, bool),
@@ -399,4 +336,4 @@ class OptunaNsga2(OptunaOptimizer):
             kwargs["crossover_prob"] = option(self.spec, "crossover_prob", None, float, 0.0, 1.0)
         if "mutation_prob" in o:
             kwargs["mutation_prob"] = option(self.spec, "mutation_prob", None, float, 0.0, 1.0)
-        return _SeededNsga2(**kwargs)
+        return SeededNsga2(**kwargs)

@@ -24,16 +24,19 @@ if TYPE_CHECKING:
 class RaceBoard:
     sizes: list[int]
     eta: int
-    recorded: list[list[float]] = field(default_factory=list)  # per rung but the last: fitness values
+    window: int | None = None  # compare with the last `window` values of a rung (None: all)
+    recorded: list[list[float]] = field(default_factory=list)  # per rung but the last, in record order
 
     def __post_init__(self) -> None:
         if not self.recorded:
             self.recorded = [[] for _ in self.sizes[:-1]]
 
     @classmethod
-    def load(cls, s: Session, study_id: str, sizes: Sequence[int], eta: int) -> RaceBoard:
-        board = cls(list(sizes), eta)
-        rows = s.scalars(select(Trial.metrics).where(Trial.study_id == study_id, Trial.rung.is_not(None)))
+    def load(cls, s: Session, study_id: str, sizes: Sequence[int], eta: int,
+             window: int | None = None) -> RaceBoard:
+        board = cls(list(sizes), eta, window)
+        rows = s.scalars(select(Trial.metrics).where(Trial.study_id == study_id, Trial.rung.is_not(None))
+                         .order_by(Trial.finished_at, Trial.number))
         for metrics in rows:
             board.record((metrics or {}).get("rungs") or [])
         return board
@@ -48,7 +51,9 @@ class RaceBoard:
     def ticket(self) -> RaceTicket:
         from workers.racing import ticket
 
-        return ticket(self.sizes, self.eta, self.recorded)
+        if self.window is None:
+            return ticket(self.sizes, self.eta, self.recorded)
+        return ticket(self.sizes, self.eta, [values[-self.window:] for values in self.recorded])
 
 
 def rungs_json(rungs: Iterable[Any]) -> list[dict[str, Any]]:

@@ -114,7 +114,8 @@ class Recovery:
         sizes = race_sizes(validated.spec.fidelity, [o.limit for o in validated.evaluation.objectives])
         if sizes is not None and validated.spec.fidelity is not None:
             with self.sessions() as s:
-                rt.race = RaceBoard.load(s, study_id, sizes, validated.spec.fidelity.eta)
+                rt.race = RaceBoard.load(s, study_id, sizes, validated.spec.fidelity.eta,
+                                         validated.spec.fidelity.window)
         self.runtimes[study_id] = rt
         log.info("study %s: controlling it (%s)", study_id, validated.optimizer.name)
         self._recover(rt)

@@ -24,6 +24,12 @@ class FidelitySpec(BaseModel):
         default=None, ge=2, le=MAX_LIMIT,
         description="examples per task of the last rung (full fidelity); default: each task's limit")
 
+    window: int | None = Field(
+        default=None, ge=2, le=100_000,
+        description="compare a candidate with the last `window` candidates that reached its rung "
+        "(default: all of them). The search improves as it goes: against all of history, most new "
+        "candidates go on and racing saves little; a window keeps about 1/eta going on")
+
     @model_validator(mode="after")
     def _rungs_grow(self) -> FidelitySpec:
         if self.max_examples is not None and self.max_examples <= self.min_examples:
