@@ -45,11 +45,13 @@ def test_rungs_are_nested_prefixes_and_deterministic_for_a_seed(n_docs, limit, s
 # ---- the decision ------------------------------------------------------------------------------
 def test_promotion_keeps_the_top_one_over_eta():
     assert promotable(0.1, 0, [], 3)  # the first to reach a rung goes on
-    assert not promotable(0.4, 1, [0.5], 3) and promotable(0.5, 1, [0.5], 3)
+    assert not promotable(0.4, 1, [0.5], 3) and promotable(0.51, 1, [0.5], 3)
+    assert not promotable(0.5, 1, [0.5], 3)  # a tie ranks the newcomer last
+    assert not ticket([10, 30], 3, [[0.0] * 9]).goes_on(0, 0.0)  # a plateau promotes nobody
     values = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # 8 recorded + 1: the top 3 go on
     t = ticket([10, 30, 90], 3, [values])
     assert t.reached == [8] and t.tops == [[0.9, 0.8, 0.7]]
-    assert t.goes_on(0, 0.75) and t.goes_on(0, 0.7) and not t.goes_on(0, 0.65)
+    assert t.goes_on(0, 0.75) and not t.goes_on(0, 0.7) and not t.goes_on(0, 0.65)
     assert t.goes_on(1, 0.0)  # nobody at rung 1 yet
     # in a stream of candidates, about 1/eta of them go on
     import random
@@ -164,4 +166,4 @@ def test_a_window_compares_with_the_latest_candidates_only():
         board.record([{"rung": 0, "values": [v / 100]}])
     everyone, recent = RaceBoard([10, 30, 90], 3, recorded=board.recorded), board
     assert everyone.ticket().goes_on(0, 0.25) and not recent.ticket().goes_on(0, 0.25)
-    assert recent.ticket().reached == [6, 0] and recent.ticket().goes_on(0, 0.28)
+    assert recent.ticket().reached == [6, 0] and recent.ticket().goes_on(0, 0.285)

@@ -2,8 +2,8 @@
 
 Asynchronous successive halving (ASHA, Li et al. 2020) in the form of Optuna's
 ``SuccessiveHalvingPruner``: after rung k a candidate continues if its value is in the top
-1/eta of the values recorded at rung k (its own included; the first candidates to reach a
-rung go on when they beat every recorded one). No worker waits for a rung to fill: the
+1/eta of the values recorded at rung k (its own included, ranked after the values it ties;
+the first candidates to reach a rung go on when they beat every recorded one). No worker waits for a rung to fill: the
 controller hands each dispatch a :class:`RaceTicket` with the best values recorded so far
 at each rung, and the worker decides on its own, between rungs, while the candidate is
 still built. Values are the study's fitness (higher is better).
@@ -39,14 +39,17 @@ class RaceTicket(BaseModel):
 
 
 def promotable(value: float, reached: int, top: Sequence[float], eta: int) -> bool:
-    """In the top 1/eta of ``reached`` recorded values plus this one (at least the best one)?"""
+    """In the top 1/eta of ``reached`` recorded values plus this one (at least the best one),
+    ties ranked after the recorded values?"""
     promote = max((reached + 1) // eta, 1)
     if len(top) < min(promote, reached):
         raise ValueError(f"a decision among {reached} needs the best {min(promote, reached)} values, "
                          f"got {len(top)}")
     if reached < promote:
         return True  # every recorded one and this one fit in the promoted share
-    return value >= top[promote - 1]
+    # a tie ranks the newcomer last: on a plateau (every candidate scoring 0, say) ties would
+    # otherwise promote every candidate and racing would save nothing
+    return value > top[promote - 1]
 
 
 def ticket(sizes: Sequence[int], eta: int, recorded: Sequence[Sequence[float]]) -> RaceTicket:
