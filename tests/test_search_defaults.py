@@ -17,8 +17,10 @@ def parameter_space(**fields):
                         **fields})
 
 
-@pytest.mark.parametrize("method", [d.name for d in merge_methods.declarations() if d.forms_task_vectors])
+@pytest.mark.parametrize("method", [d.name for d in merge_methods.declarations() if d.forms_task_vectors
+                                    and any(p.name == "weight" for p in d.model_params)])
 def test_task_vector_methods_search_wide_unnormalised_weights_by_default(method):
+    """(sce weighs its task vectors itself: it has no weights to search.)"""
     declaration = merge_methods.get(method)
     space = parameter_space(method=method)
     assert space.spec.weight_range == declaration.search_weight_range == (-0.5, 3.0)

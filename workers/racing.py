@@ -2,11 +2,12 @@
 
 Asynchronous successive halving (ASHA, Li et al. 2020) in the form of Optuna's
 ``SuccessiveHalvingPruner``: after rung k a candidate continues if its value is in the top
-1/eta of the values recorded at rung k (its own included, ranked after the values it ties;
-the first candidates to reach a rung go on when they beat every recorded one). No worker waits for a rung to fill: the
-controller hands each dispatch a :class:`RaceTicket` with the best values recorded so far
-at each rung, and the worker decides on its own, between rungs, while the candidate is
-still built. Values are the study's fitness (higher is better).
+1/eta of the values recorded at rung k (its own included, ranked after the values it
+ties; the first candidates to reach a rung go on when they beat every recorded one). No
+worker waits for a rung to fill: the controller hands each dispatch a :class:`RaceTicket`
+with the best values recorded so far at each rung, and the worker decides on its own,
+between rungs, while the candidate is still built. Values are the study's fitness
+(higher is better).
 
 Light on purpose (pydantic only): the controller builds tickets without torch.
 """
