@@ -165,6 +165,111 @@ for _declaration in (
     register(_declaration)
 del _declaration
 
+# ---- RAM and RAM+ (workers/methods/ram.py) ----------------------------------------------
+_RAM = "https://arxiv.org/abs/2601.13572"
+# An absolute threshold on |model − base|: mergekit's default counts nearly every entry a
+# fine-tune moved; 0.1 is far beyond the typical entry of a task vector (the searched range
+# of RAM's epsilon: from "every change counts" to "only the largest do")
+RAM_EPSILON = ParamSpec("epsilon", float, 1e-5, 0.0, 0.1,
+                        help="a task-vector entry counts when its magnitude exceeds this")
+register(MethodDeclaration(
+    name="ram", implementation="workers.methods.ram:Ram",
+    description="each entry: the task vector that alone moves it (|δ| > epsilon), else the mean of those "
+                "that do",
+    reference=_RAM, global_params=(RAM_EPSILON,), searchable=("epsilon",), chunked=True,
+))
+register(MethodDeclaration(
+    name="ramplus_tl", implementation="workers.methods.ram:RamPlusTL",
+    description="RAM, each model's unique entries scaled by 1 + r·min(shared/unique, alpha), counted "
+                "per tensor",
+    reference=_RAM,
+    global_params=(
+        ParamSpec("r", float, 0.1, 0.0, 2.0, help="how much a model's overlap rescales its unique entries"),
+        ParamSpec("alpha", float, 0.2, 0.0, 2.0, help="cap on a model's shared/unique entry ratio"),
+        RAM_EPSILON,
+    ),
+    # epsilon stays a fixed parameter here (a spec may set it): r and alpha are what RAM+ adds
+    searchable=("r", "alpha"), chunked=True,
+))
+
+# ---- SCE, Arcee Fusion, NearSwap (workers/methods/sce.py, arcee_fusion.py, nearswap.py) ----
+register(MethodDeclaration(
+    name="sce", implementation="workers.methods.sce:Sce",
+    description="keep the select_topk share of entries that vary most across the task vectors, elect "
+                "signs, average the agreeing entries weighted by each task vector's mean square",
+    reference="https://arxiv.org/abs/2408.07990",
+    global_params=(
+        ParamSpec("select_topk", float, 1.0, 0.0, 1.0,
+                  help="share of the entries of non-zero variance kept, by variance across the task vectors"),
+        ParamSpec("int8_mask", bool, False, help="accepted for mergekit compatibility"),
+    ),
+    searchable=("select_topk",), forms_task_vectors=True, chunked=True,
+))
+register(MethodDeclaration(
+    name="arcee_fusion", implementation="workers.methods.arcee_fusion:ArceeFusion",
+    description="the other model's entries whose importance (|change| × the row's KL divergence) reaches "
+                "median + 1.5 IQR, the base's elsewhere",
+    reference="https://arcee.ai", min_models=1, max_models=1, chunked=True,
+))
+register(MethodDeclaration(
+    name="nearswap", implementation="workers.methods.nearswap:NearSwap",
+    description="the other model's value where it lies within t of the base's, else a step of t toward it",
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    # searched in the spec's t_range; fine-tunes move most entries by less than 1e-2, so a
+    # search starts where NearSwap takes some entries and leaves others
+    global_params=(ParamSpec("t", float, minimum=0.0, start=0.001,
+                             help="distance within which the other model's value is taken"),),
+    searchable=("t",), min_models=1, max_models=1, chunked=True,
+))
+
+# ---- NuSLERP, Multi-SLERP, Karcher mean (workers/methods/nuslerp.py, multislerp.py, karcher.py) ----
+# Each output is a linear combination of the inputs (of their task vectors with a base)
+# whose coefficients come from the inputs' norms and angles, found first (workers.methods.spherical):
+# chunked, each chunk one fused kernel. With a base_model they interpolate task vectors, without
+# one the models themselves (mergekit's optional base).
+_SPHERE_WEIGHT = ParamSpec("weight", float, help="this model's weight (its share of the weights)")
+register(MethodDeclaration(
+    name="nuslerp", implementation="workers.methods.nuslerp:NuSlerp",
+    description="SLERP between two models at t = weight_2 / (weight_1 + weight_2); of their task vectors "
+                "when base_model is given",
+    reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",
+    global_params=(
+        ParamSpec("nuslerp_flatten", bool, True,
+                  help="one angle for the whole tensor; false: one per row (or per column, row_wise)"),
+        ParamSpec("nuslerp_row_wise", bool, False,
+                  help="without flatten: interpolate the vectors along the first dimension"),
+    ),
+    model_params=(_SPHERE_WEIGHT,), searchable=("weight",), needs_base=False, min_models=2, max_models=2,
+    chunked=True, fused=True,
+))
+register(MethodDeclaration(
+    name="multislerp", implementation="workers.methods.multislerp:MultiSlerp",
+    description="barycentric interpolation on the hypersphere: the weighted mean of the unit inputs, "
+                "moved along the sphere by their weighted tangents, scaled to their weighted norm",
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    global_params=(
+        ParamSpec("normalize_weights", bool, True, help="divide the weights by their sum"),
+        ParamSpec("eps", float, 1e-8, 0.0, 1.0, help="numerical floor of norms (mergekit's eps)"),
+    ),
+    model_params=(_SPHERE_WEIGHT,), searchable=("weight",), needs_base=False, chunked=True, fused=True,
+))
+register(MethodDeclaration(
+    name="karcher", implementation="workers.methods.karcher:Karcher",
+    description="weighted Riemannian (Karcher) mean of the models' directions on the hypersphere, "
+                "scaled to their weighted norm",
+    reference="https://arxiv.org/abs/2603.04972",
+    global_params=(
+        ParamSpec("max_iter", int, 10, 0, 1000, help="iterations of the fixed-point search"),
+        ParamSpec("tol", float, 1e-5, 0.0, 1.0, help="stops when the step is below it; smaller norms "
+                                                     "and angles are skipped"),
+    ),
+    # evomerge's addition: mergekit's karcher weighs every model equally (weight 1 each);
+    # weights equal anywhere give that mean, so a search starts at 0.5 in its range
+    model_params=(ParamSpec("weight", float, 1.0, 0.0, start=0.5,
+                            help="this model's share of the mean (evomerge; mergekit: equal)"),),
+    searchable=("weight",), needs_base=False, base_is_input=True, chunked=True, fused=True,
+))
+
 __all__ = [
     "METHODS",
     "REQUIRED",

@@ -20,6 +20,10 @@ from search_spaces.recipe import Recipe
 RESIDUAL_FILTERS = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense_4h_to_h")
 
 
+# Methods evomerge weighs per model and mergekit does not (it weighs the models equally).
+EQUAL_WEIGHTS_ONLY = frozenset({"karcher"})
+
+
 class NotExpressible(ValueError):
     """The recipe uses something mergekit's format has no way to say."""
 
@@ -32,10 +36,41 @@ def _check_params(params: dict[str, Any], where: str) -> None:
         )
 
 
+def _equal_weights_only(data: dict[str, Any], method: str) -> None:
+    """Leave out the ``weight`` of a method mergekit weighs equally, when every model has
+    the same one; refuse different weights."""
+    entries = [e.setdefault("parameters", {}) for e in data.get("models", [])]
+    entries += [s.setdefault("parameters", {}) for sl in data.get("slices", []) for s in sl["sources"]]
+    given = [p["weight"] for p in entries if "weight" in p]
+    if given and (len(given) < len(entries) or any(w != given[0] for w in given)):
+        raise NotExpressible(f"{method}: mergekit weighs every model equally; this recipe's models have "
+                             "different weights (an evomerge addition)")
+    scopes = [data.get("parameters", {}), *(sl.get("parameters", {}) for sl in data.get("slices", []))]
+    for params in [*scopes, *entries]:
+        params.pop("weight", None)
+
+
+def _lora_refs(data: dict[str, Any], recipe: Recipe) -> None:
+    """mergekit names a PEFT LoRA adapter over its base ``base+adapter`` (it merges the adapter
+    into the base first, as evomerge composes it): write each adapter source so."""
+    from search_spaces.lora_adapter import is_adapter_folder
+
+    entries = [*data.get("models", []), *(s for sl in data.get("slices", []) for s in sl["sources"])]
+    for entry in entries:
+        if not is_adapter_folder(entry["model"]):
+            continue
+        base = recipe.base_model
+        if base is None or "+" in base or "+" in entry["model"]:
+            raise NotExpressible(f"LoRA adapter {entry['model']!r}: mergekit names an adapter 'base+adapter' "
+                                 "(no base_model here, or a '+' in a path)")
+        entry["model"] = f"{base}+{entry['model']}"
+
+
 def to_mergekit_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as a mergekit configuration mapping."""
     data = recipe.model_dump(mode="json", exclude_none=True)
     data.pop("seed", None)
+    _lora_refs(data, recipe)
     _check_params(data.get("parameters", {}), "parameters")
     for entry in data.get("models", []):
         _check_params(entry.get("parameters", {}), f"model {entry['model']}")
@@ -48,6 +83,14 @@ def to_mergekit_dict(recipe: Recipe) -> dict[str, Any]:
                 f"{recipe.base_model!r}"
             )
         data.pop("base_model", None)
+    declaration = merge_methods.find(recipe.merge_method)
+    if (declaration is not None and declaration.base_is_input and not recipe.is_stacking()
+            and recipe.models is not None and recipe.base_model not in {m.model for m in recipe.models}):
+        # evomerge merges the models listed (linear, karcher); mergekit would add an unlisted
+        # base_model as one more input
+        data.pop("base_model", None)
+    if recipe.merge_method in EQUAL_WEIGHTS_ONLY:
+        _equal_weights_only(data, recipe.merge_method)
     for sl in data.get("slices", []):
         _check_params(sl.get("parameters", {}), "slice")
         for src in sl["sources"]:

@@ -67,7 +67,7 @@ class ParameterSpace(SearchSpace):
             raise SpaceProblem(["base_model"], f"{data['method']} merges task vectors against a base: "
                                "base_model is missing", "set base_model to the model the sources were "
                                "fine-tuned from (or use method: linear)", "missing_base_model")
-        if info.needs_base and base is not None:
+        if not info.declaration.base_is_input and base is not None:
             for m in sources:
                 if m.ref == base.ref:
                     raise SpaceProblem(list(m.loc), f"{m.given!r} is the base model; the base is not a "

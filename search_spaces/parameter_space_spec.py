@@ -180,14 +180,20 @@ class ParameterSpaceSpec(SpaceSpecBase):
             raise ValueError(
                 f"{self.method} interpolates the base with exactly one other model; got {len(self.models)}"
             )
+        declared, count = info.declaration, len(self.models)
+        if count < declared.min_models or count > (declared.max_models or count):
+            most = f" and at most {declared.max_models}" if declared.max_models else ""
+            raise ValueError(f"{self.method} takes at least {declared.min_models}{most} models; got {count}")
         names = [model_string(m) for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"models are listed twice: {dupes}")
-        if info.needs_base and self.base_model is not None and model_string(self.base_model) in names:
+        # a method that sets its base apart (all but linear, karcher) never merges it as a model
+        if (not info.declaration.base_is_input and self.base_model is not None
+                and model_string(self.base_model) in names):
             raise ValueError(
                 f"base_model {model_string(self.base_model)!r} is also in models: the base is not a "
-                "searched input of a task-vector method; remove it from models"
+                f"searched input of {self.method}; remove it from models"
             )
         _check_range("weight_range", self.weight_range)
         if self.weight_range[0] < 0 and not self.negative_weights:

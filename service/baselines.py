@@ -18,17 +18,24 @@ from service.validation import ValidatedStudy
 def baseline_recipes(validated: ValidatedStudy) -> list[tuple[str, str, dict[str, Any]]]:
     """``(name, kind, recipe)`` of each baseline of the study, names as the spec gives models."""
     given = {m.ref: m.given for m in validated.models}
+    adapter_of = {m.ref: m.adapter_of for m in validated.models if m.adapter_of is not None}
     base_ref = next((m.ref for m in validated.models if m.loc[:1] == ["base_model"]), None)
     sources = list(dict.fromkeys(m.ref for m in validated.models if m.loc[:1] == ["sources"]))
+
+    def linear(refs: list[str]) -> dict[str, Any]:
+        recipe: dict[str, Any] = {"merge_method": "linear",
+                                  "models": [{"model": r, "parameters": {"weight": 1.0}} for r in refs]}
+        bases = {adapter_of[r] for r in refs if r in adapter_of}
+        if bases:  # a LoRA adapter is composed onto the recipe's base_model (not an input of linear)
+            recipe["base_model"] = bases.pop()
+        return recipe
+
     out: list[tuple[str, str, dict[str, Any]]] = []
     for ref in ([base_ref] if base_ref is not None else []) + sources:
         role = "base" if ref == base_ref else "source"
-        out.append((f"{role}: {given.get(ref, ref)}", "source",
-                    {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}))
+        out.append((f"{role}: {given.get(ref, ref)}", "source", linear([ref])))
     if len(sources) >= 2:
-        out.append(("uniform merge", "uniform",
-                    {"merge_method": "linear",
-                     "models": [{"model": r, "parameters": {"weight": 1.0}} for r in sources]}))
+        out.append(("uniform merge", "uniform", linear(sources)))
     if base_ref is not None and sources:
         out.append(("task arithmetic", "task_arithmetic",
                     {"merge_method": "task_arithmetic", "base_model": base_ref,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from search_spaces.lora_adapter import ADAPTER_CONFIG
 from search_spaces.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeaderError, read_header
 from search_spaces.tensor_names import EMBED_NAMES, HEAD_NAMES, LAYER_RE, TOKENIZER_FILES
 
@@ -215,7 +216,7 @@ def inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == r or path.is_relative_to(r) for r in roots)
 
 
-def _check_contained(path: Path, folder: Path, ref: str, allowed: Sequence[Path] | None) -> None:
+def check_contained(path: Path, folder: Path, ref: str, allowed: Sequence[Path] | None) -> None:
     """Refuse a file of the folder that resolves (symlinks followed) outside ``allowed`` (the
     folder itself when None), before it is opened. Worded the same whether or not the
     target exists."""
@@ -234,11 +235,11 @@ def _weight_files(folder: Path, ref: str,
     ``allowed`` (real paths; None: the folder) before it is opened."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        _check_contained(index, folder, ref, allowed)
+        check_contained(index, folder, ref, allowed)
         names = _shard_names(index, ref)
         shards = [folder / n for n in names]
         for shard in shards:  # every name is checked before any shard is opened
-            _check_contained(shard, folder, ref, allowed)
+            check_contained(shard, folder, ref, allowed)
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise ModelFormatError(
@@ -247,12 +248,12 @@ def _weight_files(folder: Path, ref: str,
             )
         return shards, index
     if (folder / "model.safetensors").is_file():
-        _check_contained(folder / "model.safetensors", folder, ref, allowed)
+        check_contained(folder / "model.safetensors", folder, ref, allowed)
         return [folder / "model.safetensors"], None
     shards = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
     if shards:
         for shard in shards:
-            _check_contained(shard, folder, ref, allowed)
+            check_contained(shard, folder, ref, allowed)
         return shards, None
     if list(folder.glob("pytorch_model*.bin")) or (folder / "pytorch_model.bin.index.json").exists():
         raise ModelFormatError(
@@ -286,16 +287,18 @@ def read_model_folder(folder: Path, ref: str | None = None, *,
                                "model_not_found")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        if (folder / "adapter_config.json").is_file():
+        if (folder / ADAPTER_CONFIG).is_file():
             raise ModelFormatError(
-                f"model {ref!r} is a PEFT adapter (adapter_config.json), not a model",
-                "merge the adapter into its base model first (peft's merge_and_unload), then save it",
-                "model_no_config",
+                f"model {ref!r} is a PEFT adapter ({ADAPTER_CONFIG}), not a full model: an adapter may be "
+                "a source of a parameter-space merge, not its base, a hub model or a stacking source",
+                "name the model the adapter was trained on here, or merge the adapter into its base first "
+                "(peft's merge_and_unload) and save it",
+                "model_is_adapter",
             )
         raise ModelFormatError(f"model {ref!r} has no config.json",
                                "give the folder that holds config.json and the weights",
                                "model_no_config")
-    _check_contained(config_path, folder, ref, allowed)
+    check_contained(config_path, folder, ref, allowed)
     try:
         if config_path.stat().st_size > MAX_HEADER_BYTES:
             raise ValueError("larger than any config")
@@ -336,7 +339,7 @@ def read_hub_model(repo_id: str, *, revision: str | None = None,
         repo_folder = Path(os.path.realpath(local.parent.parent))
         return read_model_folder(local, ref=repo_id, allowed=[repo_folder])
     except ModelFormatError as err:
-        if err.kind == "model_no_config" or hub_offline():
+        if err.kind in ("model_no_config", "model_is_adapter") or hub_offline():
             raise
     except Exception:  # not cached: the hub client raises several types
         if hub_offline():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from search_spaces import merge_methods
 from search_spaces.recipe import Recipe
 from workers.candidate import CandidateBuilder
 from workers.merge import merge
@@ -27,12 +28,18 @@ PS = {
     "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"rescale_mode": "inverse_density"}),
     "slerp": ({}, {"t": [0.2, 0.8]}),
     "model_stock": ({}, {}),
+    "sce": ({}, {"select_topk": [0.3, 0.8]}),
+    "arcee_fusion": ({}, {}),
+    "nearswap": ({}, {"t": 0.01}),
+    "nuslerp": ({"weight": [0.3, 0.8]}, {"nuslerp_flatten": False}),
+    "multislerp": ({"weight": [0.3, 0.8]}, {}),
+    "karcher": ({"weight": 0.7}, {"max_iter": 5}),
 }
 
 
 def ps_recipe(method: str, base: Path, experts: list[Path]) -> Recipe:
     per_model, global_params = PS[method]
-    used = experts[:1] if method == "slerp" else experts
+    used = experts[:1] if merge_methods.get(method).exactly_one_model else experts
     models = [{"model": str(e), "parameters": dict(per_model)} for e in used]
     if method == "linear":
         models.append({"model": str(base), "parameters": {"weight": 0.4}})

@@ -34,6 +34,9 @@ METHOD_PARAMS = {
     "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
     "slerp": ({}, {"t": [0.2, 0.8]}),
     "model_stock": ({}, {}),
+    "nuslerp": ({"weight": 0.5}, {}),
+    "multislerp": ({"weight": 0.5}, {}),
+    "karcher": ({}, {}),
 }
 
 

@@ -76,7 +76,8 @@ ps_specs = st.fixed_dictionaries(
 
 
 def make_ps(d: dict) -> ParameterSpace:
-    n = 1 if d["method"] == "slerp" else d["n_models"]
+    declared = METHODS[d["method"]].declaration  # as many models as the method takes
+    n = min(max(d["n_models"], declared.min_models), declared.max_models or d["n_models"])
     spec = {
         "kind": "parameter",
         "method": d["method"],
@@ -123,9 +124,9 @@ def test_each_tensor_takes_its_own_gene(d, unit):
     recipe = space.decode(point)
     L = d["num_layers"]
     k = min(d["granularity"] or L, L)
-    owners = [None] if d["method"] == "slerp" else [str(m) for m in space.spec.models]
+    owners = [None] if not space.searched_model_params else [str(m) for m in space.spec.models]
     for mi, model in enumerate(owners):
-        for param in (("t",) if model is None else space.searched_model_params):
+        for param in (METHODS[d["method"]].global_params if model is None else space.searched_model_params):
             prefix = "" if model is None else "ABC"[mi] + "."
             for probe in pv.probes(L):
                 got = resolved(recipe, model, param, probe, L)

@@ -27,8 +27,9 @@ import torch
 
 from search_spaces.recipe import Recipe
 from workers import kernels
+from workers.lora import open_models
 from workers.methods.base import MergeError
-from workers.model_io import LazyModel, dtype_from_name
+from workers.model_io import dtype_from_name
 from workers.plan import MergePlan, TensorTask, build_plan, patched_config
 from workers.sources import Key, Sources, open_sources
 from workers.sparsify import Workspace
@@ -109,7 +110,7 @@ class CandidateBuilder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tier = tier
-        self.models = {ref: LazyModel(ref) for ref in self.refs}
+        self.models = open_models(self.refs, base)  # LoRA adapters over the base
         kernels.use_for(max(sum(_numel(i.shape) for i in m.tensors.values())
                             for m in self.models.values()))
         self.sources: Sources = open_sources(tier, self.models, self.device)

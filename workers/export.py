@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from search_spaces.archive_format import MANIFEST, plan_archive
+from search_spaces.lora_adapter import ADAPTER_FILES, is_adapter_folder, read_adapter
 from search_spaces.recipe import Recipe
 from search_spaces.tensor_names import COMPANION_FILES
 from search_spaces.version import evomerge_version
@@ -95,25 +96,37 @@ def source_refs(recipe: Recipe) -> list[str]:
 
 def _source_paths(ref: str) -> tuple[Path, list[Path]]:
     """A source's folder and the files of it an export depends on: its weights, its
-    config and its tokenizer files."""
+    config and its tokenizer files (a LoRA adapter: its config and weights)."""
     from workers.model_io import LazyModel
 
-    model = LazyModel(ref)
-    try:
-        files = list(model.weight_files())
-    finally:
-        model.close()
-    for name in ("config.json", *COMPANION_FILES):
-        if (model.path / name).is_file():
-            files.append(model.path / name)
-    return model.path, sorted(set(files))
+    if is_adapter_folder(Path(ref).expanduser()):
+        folder = Path(ref).expanduser().resolve()
+        files = [folder / name for name in ADAPTER_FILES]
+    else:
+        model = LazyModel(ref)
+        try:
+            folder, files = model.path, list(model.weight_files())
+        finally:
+            model.close()
+        files.append(folder / "config.json")
+    files += [folder / name for name in COMPANION_FILES]
+    return folder, sorted({f for f in files if f.is_file()})
+
+
+def _adapter_of(recipe: Recipe, ref: str) -> tuple[str | None, str | None]:
+    """(the base a LoRA adapter source is composed onto, what the adapter is), or (None, None)."""
+    if not is_adapter_folder(Path(ref).expanduser()):
+        return None, None
+    bases = {sl.base_model for sl in recipe.slices or [] if sl.base_model}
+    return recipe.base_model or (bases.pop() if len(bases) == 1 else None), read_adapter(ref).summary()
 
 
 def _content_address(recipe: Recipe, cache: DigestCache) -> tuple[str, list[ExportSource]]:
     sources = []
     for ref in source_refs(recipe):
         folder, files = _source_paths(ref)
-        sources.append(ExportSource(ref=ref, files=[
+        base, summary = _adapter_of(recipe, ref)
+        sources.append(ExportSource(ref=ref, adapter_of=base, adapter=summary, files=[
             SourceFile(name=f.relative_to(folder).as_posix(), sha256=cache.digest(f),
                        size=f.stat().st_size)
             for f in files

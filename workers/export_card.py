@@ -261,7 +261,12 @@ def cost_section(cost: dict[str, Any] | None) -> str:
 def sources_section(sources: list[ExportSource]) -> str:
     out = []
     for src in sources:
-        out += [f"`{src.ref}`", "", "| file | size | sha256 |", "|---|---|---|"]
+        out += [f"`{src.ref}`", ""]
+        if src.adapter_of is not None or src.adapter is not None:
+            out += [f"A PEFT LoRA adapter ({md_cell(src.adapter or 'LoRA')}), composed onto "
+                    f"`{src.adapter_of}` (weights W + B·A·scale); this folder holds the merged full "
+                    "model.", ""]
+        out += ["| file | size | sha256 |", "|---|---|---|"]
         out += [f"| {md_cell(f.name)} | {fmt_size(f.size)} | `{f.sha256}` |" for f in src.files]
         out.append("")
     return "\n".join(out)

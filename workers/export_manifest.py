@@ -49,6 +49,8 @@ class SourceFile(BaseModel):
 class ExportSource(BaseModel):
     ref: str  # the model reference as the recipe gives it
     files: list[SourceFile]
+    adapter_of: str | None = Field(None, description="a PEFT LoRA adapter: the base it was composed onto")
+    adapter: str | None = Field(None, description="a LoRA adapter: its rank, alpha and targets, in words")
 
 
 class ExportManifest(BaseModel):

@@ -97,11 +97,13 @@ class SourceFacts:
     num_layers: int = 0
     # the most its task vector's magnitude histograms take (a trimming method's worker)
     histogram_bytes: int = 0
+    # a LoRA adapter: elements of the largest tensor it composes (base + B·A·scale) per merge step
+    composed_numel: int = 0
 
     def __post_init__(self) -> None:
         _check_count("SourceFacts", nbytes=self.nbytes, numel=self.numel, largest_numel=self.largest_numel,
                      layer_nbytes=self.layer_nbytes, num_layers=self.num_layers,
-                     histogram_bytes=self.histogram_bytes)
+                     histogram_bytes=self.histogram_bytes, composed_numel=self.composed_numel)
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"SourceFacts.dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
 
@@ -198,6 +200,17 @@ def facts_from_tensors(ref: str, tensors: Iterable[tuple[str, Sequence[int], str
         dtype=max(by_dtype, key=lambda k: by_dtype[k]) if by_dtype else "float32",
         layer_nbytes=max(layers) if layers else 0, num_layers=num_layers, histogram_bytes=histograms,
     )
+
+
+def adapter_facts(ref: str, tensors: Iterable[tuple[str, Sequence[int], str]], base: SourceFacts,
+                  composed_numel: int) -> SourceFacts:
+    """A LoRA adapter's facts: it holds its own tensors (``tensors``: the adapter file's), and
+    stands for a model of its base's size, whose task vectors and histograms are full-size;
+    ``composed_numel``: its largest changed tensor, composed on the device when a merge reads it."""
+    own = facts_from_tensors(ref, tensors, {})
+    return SourceFacts(ref=ref, nbytes=own.nbytes, numel=base.numel, largest_numel=base.largest_numel,
+                       dtype=base.dtype, layer_nbytes=base.layer_nbytes, num_layers=base.num_layers,
+                       histogram_bytes=base.histogram_bytes, composed_numel=composed_numel)
 
 
 def _other_dtype_bytes(name: str) -> int:

@@ -159,9 +159,12 @@ def _sizes(sources: Sequence[SourceFacts], owner: SourceFacts, base: str | None,
     uses_tv = declared.forms_task_vectors and base is not None
     tv = sum(s.numel for s in sources if s.ref != base) * 4 if uses_tv else 0
     read = total if stacking_layers is None else min(total, int(full / dtype_bytes * owner.dtype_bytes))
+    # LoRA adapters: each one's changed tensor composed in its dtype, through two float32 chunks
+    composing = sum(s.composed_numel * s.dtype_bytes for s in sources)
+    composing += 2 * CHUNK_ELEMENTS * 4 if composing else 0
     return _Sizes(
         sources=total, candidate=full, candidate_resident=resident,
-        workspace=_workspace(declared, non_base, feeding, largest_numel),
+        workspace=_workspace(declared, non_base, feeding, largest_numel) + composing,
         staging=STAGING_SLOTS * feeding * staged_bytes if limits.device == "cuda" else 0,
         host_staging=STAGING_SLOTS * len(sources) * staged_bytes if limits.device == "cuda" else 0,
         evaluation=evaluation.nbytes(dtype_bytes) if evaluation is not None else 0,

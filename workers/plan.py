@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from search_spaces.lora_adapter import is_adapter_folder
 from search_spaces.recipe import ModelEntry, Recipe, Slice, SliceSource
 from workers import methods, params
 from workers.architecture import ModelLayout, find_layout, layer_count_keys
+from workers.lora import mergekit_lora_ref, open_model
 from workers.methods.base import MergeError, MergeMethod
 from workers.model_io import LazyModel, dtype_from_name, tensor_nbytes
 from workers.plan_params import check_input_count, check_known_params, resolve_tensor_params
@@ -102,11 +105,26 @@ class Planner:
     # ---- models ------------------------------------------------------------------
     def _load(self, ref: str) -> LazyModel:
         if ref not in self.models:
-            self.models[ref] = LazyModel(ref)
+            pair = mergekit_lora_ref(ref)  # mergekit's base+adapter
+            if pair is not None:
+                self.models[ref] = open_model(pair[1], self._load(pair[0]), ref=ref)  # type: ignore[assignment]
+            else:
+                adapter = is_adapter_folder(Path(ref).expanduser())
+                base = self._load(self._adapter_base(ref)) if adapter else None
+                self.models[ref] = open_model(ref, base)  # type: ignore[assignment]
         model = self.models[ref]
         if ref not in self.layouts:
             self.layouts[ref] = find_layout(list(model.tensors), model.config, ref)
         return model
+
+    def _adapter_base(self, ref: str) -> str:
+        """The model a LoRA adapter of the recipe is composed onto: the recipe's base_model."""
+        bases = {sl.base_model for sl in self.recipe.slices or [] if sl.base_model}
+        base = self.recipe.base_model or (bases.pop() if len(bases) == 1 else None)
+        if base is None or base == ref:
+            raise MergeError(f"model {ref!r} is a PEFT LoRA adapter: name the model it was trained on as the "
+                             "recipe's base_model (its weights are that base's plus B·A·alpha/r)")
+        return base
 
     def _info(self, ref: str, name: str) -> TensorSource:
         """Where ``name`` lives in model ``ref``, following tied-embedding aliases."""

@@ -280,9 +280,18 @@ class MappedSources(_Staged):
 
 
 def open_sources(tier: str, models: dict[str, LazyModel], device: torch.device | str) -> Sources:
+    """The sources in ``tier``; LoRA adapters among ``models`` (``workers.lora.AdapterModel``) are
+    held at their own size and composed on request (``workers.lora_sources``)."""
     kinds: dict[str, type[Sources]] = {
         "resident": ResidentSources, "streamed": StreamedSources, "mapped": MappedSources,
     }
     if tier not in kinds:
         raise ValueError(f"unknown memory tier {tier!r}: use one of {', '.join(TIERS)}")
-    return kinds[tier](models, torch.device(device))
+    adapters = {ref: m for ref, m in models.items() if getattr(m, "adapter", None) is not None}
+    full = {ref: m for ref, m in models.items() if ref not in adapters}
+    sources = kinds[tier](full, torch.device(device))
+    if not adapters:
+        return sources
+    from workers.lora_sources import AdapterSources
+
+    return AdapterSources(sources, adapters)  # type: ignore[arg-type]

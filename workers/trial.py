@@ -110,20 +110,11 @@ def worker_plan(spec: WorkerSpec):
     the worker plans again with what it has, keeping a tier the study forced. Raises
     ``DoesNotFit`` (the trial fails with the numbers and the fix) when it cannot.
     """
-    from workers.memory_plan import (
-        EvalFacts,
-        WorkerLimits,
-        detect_local_limits,
-        eval_facts,
-        facts_from_tensors,
-        plan_memory,
-    )
-    from workers.model_io import LazyModel, dtype_name
+    from workers.lora import model_facts, open_models
+    from workers.memory_plan import EvalFacts, WorkerLimits, detect_local_limits, eval_facts, plan_memory
 
-    refs = ([spec.base_model] if spec.base_model else []) + list(spec.sources)
-    models = [LazyModel(ref) for ref in dict.fromkeys(refs)]
-    facts = [facts_from_tensors(m.ref, ((i.name, i.shape, dtype_name(i.dtype)) for i in m.tensors.values()),
-                                m.config) for m in models]
+    models = list(open_models(spec.sources, spec.base_model).values())  # adapters at their own size
+    facts = [model_facts(m) for m in models]
     for m in models:
         m.close()
     device = "cuda" if spec.device.startswith("cuda") else "cpu"

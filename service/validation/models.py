@@ -14,9 +14,12 @@ from typing import Any, Literal, Protocol, Union
 from pydantic import BaseModel, Field
 
 from search_spaces.base import SearchSpace
+from search_spaces.lora_adapter import LoraAdapter, is_adapter_folder
 from search_spaces.sources import StudyRef
+from service.adapter_headers import read_adapter_folder
 from service.model_headers import ModelFormatError, ModelHeaders, read_hub_model, read_model_folder
 from service.spec import StudySpec
+from service.validation.adapters import AdapterSource, attach_adapters
 from service.validation.paths import close_entries, real_roots, resolve_under_roots, roots_text
 from service.validation.problems import Loc, Problems, Refusal
 
@@ -44,15 +47,20 @@ class ResolvedModel(BaseModel):
     num_layers: int
     hidden_size: int | None
     num_tensors: int
+    adapter_of: str | None = Field(
+        default=None, description="a PEFT LoRA adapter: the base it is composed onto (its ref); None: a "
+        "model")
 
 
 @dataclass
 class Model:
-    """A model as read: what validation reports of it, its headers, and how the space names it."""
+    """A model as read: what validation reports of it, its headers, and how the space names it.
+    A LoRA adapter's headers are its base's config and tensors (the full model it stands for)."""
 
     info: ResolvedModel
     headers: ModelHeaders
     spec_ref: Union[str, StudyRef]  # what the space spec names it by
+    adapter: LoraAdapter | None = None
 
 
 def _allowed_hub(repo_id: str, patterns: Sequence[str]) -> bool:
@@ -60,7 +68,7 @@ def _allowed_hub(repo_id: str, patterns: Sequence[str]) -> bool:
 
 
 def _resolve_model(loc: Loc, ref: Union[str, StudyRef], settings: SettingsLike, roots: list[Path],
-                   resolve_study_ref: StudyResolver | None) -> Model:
+                   resolve_study_ref: StudyResolver | None) -> Model | AdapterSource:
     if isinstance(ref, StudyRef):
         return _resolve_study(loc, ref, resolve_study_ref)
     text = ref
@@ -82,6 +90,9 @@ def _resolve_model(loc: Loc, ref: Union[str, StudyRef], settings: SettingsLike, 
         info = _info(loc, text, text, "hub", headers)
         return Model(info, headers, text)
     real = resolve_under_roots(text, roots)
+    if is_adapter_folder(real):  # its base is known later (attach_adapters)
+        adapter, files = read_adapter_folder(real, text, allowed=roots)
+        return AdapterSource(loc, text, real, adapter, files)
     headers = read_model_folder(real, ref=text, allowed=roots)  # each file checked before it is opened
     info = _info(loc, text, str(real), "local", headers)
     return Model(info, headers, str(real))
@@ -124,13 +135,14 @@ def resolve_models(spec: StudySpec, settings: SettingsLike, problems: Problems,
     named: list[tuple[Loc, Union[str, StudyRef]]] = [(["sources", i], s) for i, s in enumerate(spec.sources)]
     if spec.base_model is not None:
         named.append((["base_model"], spec.base_model))
-    out: list[Model | None] = []
+    read: list[Model | AdapterSource | None] = []
     for loc, ref in named:
         try:
-            out.append(_resolve_model(loc, ref, settings, roots, resolve_study_ref))
+            read.append(_resolve_model(loc, ref, settings, roots, resolve_study_ref))
         except (Refusal, ModelFormatError) as err:
             problems.refusal(loc, err)
-            out.append(None)
+            read.append(None)
+    out: list[Model | None] = attach_adapters(spec, read, problems)
     seen: dict[str, Loc] = {}
     for m in out[: len(spec.sources)]:
         if m is None:

@@ -9,12 +9,14 @@ from typing import Any
 from evaluators.base import EvaluationSpec
 from search_spaces.base import SearchSpace
 from service.spec import StudySpec
-from service.validation.models import SettingsLike, StudyModels, tokenizer_ref
+from service.validation.models import Model, SettingsLike, StudyModels, tokenizer_ref
 from service.validation.problems import Problems
+from workers.memory_facts import adapter_facts  # torch-free
 from workers.memory_plan import (  # torch-free
     MAX_EVAL_TOKENS,
     DoesNotFit,
     MemoryPlan,
+    SourceFacts,
     WorkerLimits,
     dtype_name,
     eval_facts,
@@ -97,6 +99,17 @@ def _plan_dtype(spec: StudySpec) -> str:
     return dtype_name(str(getattr(spec.space, "out_dtype", None) or "")) or "auto"
 
 
+def _facts(model: Model, by_ref: Mapping[str, Model]) -> SourceFacts:
+    """A model's facts from its headers; a LoRA adapter's at its own size (over its base's)."""
+    headers = model.headers
+    if model.adapter is None or model.info.adapter_of not in by_ref:
+        return facts_from_tensors(model.info.ref, ((n, h.shape, h.dtype) for n, h in headers.tensors.items()),
+                                  headers.config)
+    base = _facts(by_ref[model.info.adapter_of], by_ref)
+    own = ((n, shape, dtype) for n, (shape, dtype) in model.adapter.tensors.items())
+    return adapter_facts(model.info.ref, own, base, model.adapter.largest_target_numel())
+
+
 def plan_worker_memory(spec: StudySpec, models: StudyModels, settings: SettingsLike,
                        problems: Problems) -> MemoryPlan | None:
     """The memory plan of one worker, from the headers already read; a study that no tier (or not
@@ -104,8 +117,7 @@ def plan_worker_memory(spec: StudySpec, models: StudyModels, settings: SettingsL
     space = _space(models)
     refs, task_vector_base = _worker_refs(models)
     by_ref = {m.info.ref: m for m in models.resolved}
-    facts = [facts_from_tensors(ref, ((n, h.shape, h.dtype) for n, h in by_ref[ref].headers.tensors.items()),
-                                by_ref[ref].headers.config) for ref in refs]
+    facts = [_facts(by_ref[ref], by_ref) for ref in refs]
     stacked = space.stacked_layers()
     owner = task_vector_base
     if stacked is not None:  # the candidate takes embeddings and head from the base
