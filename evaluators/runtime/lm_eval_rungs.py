@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluators.runtime.lm_eval_suite import LmEvalSuite
+from evaluators.runtime.lm_eval_suite import LmEvalSuite, answer_requests
 
 
 @dataclass
@@ -81,14 +81,7 @@ class RungScorer:
                 for inst in runs[name].by_doc[i]:
                     inst.resps.clear()
                     inst.filtered_resps.clear()
-        for reqtype, reqs in piece.requests.items():
-            plan = piece.plans.get(reqtype)
-            if plan is not None:
-                resps = lm.run_plan(plan, reqs)
-            else:
-                resps = getattr(lm, reqtype)(reqs, disable_tqdm=True)
-            for resp, req in zip(resps, reqs, strict=True):
-                req.resps.append(resp)
+        answer_requests(lm, piece.requests, piece.plans)
         for name, picked in piece.docs.items():
             if not picked:
                 continue

@@ -66,6 +66,19 @@ class _Indices(list):
         return item in self._set
 
 
+def answer_requests(lm, requests: dict[str, list], plans: dict[str, Any]) -> None:
+    """Run each request type through the LM (a prepared generation plan where there is one) and
+    append every answer to its request's ``resps``."""
+    for reqtype, reqs in requests.items():
+        plan = plans.get(reqtype)
+        if plan is not None:
+            resps = lm.run_plan(plan, reqs)
+        else:
+            resps = getattr(lm, reqtype)(reqs, disable_tqdm=True)
+        for resp, req in zip(resps, reqs, strict=True):
+            req.resps.append(resp)
+
+
 @dataclass
 class _TaskRun:
     name: str
@@ -200,14 +213,7 @@ class LmEvalSuite:
             for inst in run.task.instances:
                 inst.resps.clear()
                 inst.filtered_resps.clear()
-        for reqtype, reqs in self._requests.items():
-            plan = self._plans.get(reqtype)
-            if plan is not None:
-                resps = lm.run_plan(plan, reqs)
-            else:
-                resps = getattr(lm, reqtype)(reqs, disable_tqdm=True)
-            for resp, req in zip(resps, reqs, strict=True):
-                req.resps.append(resp)
+        answer_requests(lm, self._requests, self._plans)
         results: dict[str, dict[str, Any]] = {}
         counts: dict[str, int] = {}
         for run in self.runs:

@@ -41,52 +41,42 @@ class ResultRecorder:
     # ---- trials ----------------------------------------------------------------------------------
     def complete(self, rt: StudyRuntime, trial_id: int, result: TrialResult) -> None:
         """A trial's values and scores; the optimizer is told."""
-        values = [float(v) for v in result.values]
-        fitness = values[0] if len(values) == 1 else None
-        with self.sessions.begin() as s:
-            row = s.get(Trial, trial_id)
-            if row is None or row.state != TrialState.RUNNING:
-                return
-            self._fill(row, result)
-            keep_rungs(row, result.rungs)
-            row.state = TrialState.COMPLETE
-            row.values = values
-            row.fitness = fitness
-            point = int(row.point_id) if row.point_id is not None else None
-            rt.store.tell_in(s, point, values, None)
-            self.update_counters(s, rt, row.number, fitness)
-            s.add(Event(study_id=rt.study_id, kind="trial_complete",
-                        data={"number": row.number, "values": values, "scores": result.scores}))
-        rt.store.tell_after(point, values, None)
-        if rt.race is not None:
-            rt.race.record(result.rungs)
-        score_cache.keep(self.sessions, rt, trial_id, result)  # under the key it was dispatched with
+        self._scored(rt, trial_id, result, pruned=False)
 
     def pruned(self, rt: StudyRuntime, trial_id: int, result: TrialResult) -> None:
         """A trial racing stopped after a rung: recorded ``pruned`` with its partial values and
         scores (``fitness`` stays empty: a partial score is never a study's best), told to the
         optimizer as pruned (search_spaces.optimizers.base.Pruned), never as a full score."""
-        values = [float(v) for v in result.values]
         if rt.race is None or not result.rungs:
             self.fail(rt, trial_id, "the worker pruned a trial of a study that is not raced", result=result)
             return
-        told = pruned_result(values, result.rungs[-1].rung, rt.race)
+        self._scored(rt, trial_id, result, pruned=True)
+
+    def _scored(self, rt: StudyRuntime, trial_id: int, result: TrialResult, *, pruned: bool) -> None:
+        values = [float(v) for v in result.values]
+        fitness = values[0] if len(values) == 1 and not pruned else None
+        told = pruned_result(values, result.rungs[-1].rung, rt.race) if pruned and rt.race else values
         with self.sessions.begin() as s:
             row = s.get(Trial, trial_id)
             if row is None or row.state != TrialState.RUNNING:
                 return
             self._fill(row, result)
             keep_rungs(row, result.rungs)
-            row.state = TrialState.PRUNED
+            row.state = TrialState.PRUNED if pruned else TrialState.COMPLETE
             row.values = values
+            row.fitness = fitness
             point = int(row.point_id) if row.point_id is not None else None
             rt.store.tell_in(s, point, told, None)
-            self.update_counters(s, rt, None, None)
-            s.add(Event(study_id=rt.study_id, kind="trial_pruned",
-                        data={"number": row.number, "rung": row.rung, "examples": result.rungs[-1].examples,
-                              "values": values, "scores": result.scores}))
+            self.update_counters(s, rt, None if pruned else row.number, fitness)
+            data = {"number": row.number, "values": values, "scores": result.scores}
+            if pruned:
+                data.update(rung=row.rung, examples=result.rungs[-1].examples)
+            s.add(Event(study_id=rt.study_id, kind="trial_pruned" if pruned else "trial_complete", data=data))
         rt.store.tell_after(point, told, None)
-        rt.race.record(result.rungs)
+        if rt.race is not None:
+            rt.race.record(result.rungs)
+        if not pruned:
+            score_cache.keep(self.sessions, rt, trial_id, result)  # under the key it was dispatched with
 
     def fail(self, rt: StudyRuntime, trial_id: int, reason: str, result: TrialResult | None = None) -> None:
         """A trial failed for ``reason`` (with what its worker reported, if it did); told as a failure."""
