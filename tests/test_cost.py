@@ -20,9 +20,9 @@ from service.db import Baseline, Study, StudyStatus, Trial, TrialState, make_eng
 from service.db.testing import temporary_database
 from service.spec import StudySpec, StudyValidationError
 from tests.api_fixtures import make_settings
-from tests.test_controller import add_study, settings, spec, step_until, study_row, trials
+from tests.test_controller import add_study, db, settings, spec, step_until, study_row, trials
 
-__all__ = ["settings"]  # a fixture (over this module's db)
+__all__ = ["db", "settings"]  # fixtures
 
 TEXTS = ["12p35q47", "3p4q7", "99p1q100", "50p50q100", "7p0q7", "21p21q42"]
 
@@ -39,13 +39,6 @@ def lm_eval_setup(tmp_path_factory):
     return setup.__wrapped__(tmp_path_factory)
 
 
-@pytest.fixture
-def db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'evomerge.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield url, session_factory(engine)
-    engine.dispose()
 
 
 def loglik_evaluation(limit: int = 4) -> dict:

@@ -38,8 +38,10 @@ from service.score_cache import build_context, evaluation_parts, full_fidelity, 
 from service.settings import get_settings
 from service.validation import ValidatedStudy, validate_study
 from service.weight_digests import file_sha256
-from tests.test_controller import add_study, study_row
+from tests.test_controller import add_study, db, study_row
 from tests.test_plugins_end_to_end import InProcessController
+
+__all__ = ["db"]  # a fixture
 from workers.trial import RungScore, TrialCost, TrialResult
 
 NOOP = {"evaluator": "noop", "objectives": [{"task": "fingerprint", "metric": "mean", "limit": 8}]}
@@ -51,12 +53,8 @@ def llama(family):
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'evomerge.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
+def sessions(db):
+    return db[1]
 
 
 @pytest.fixture
