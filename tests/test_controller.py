@@ -105,6 +105,28 @@ def optuna_trials(url: str, study: Study):
     return optuna.load_study(study_name=study.optuna_study_name, storage=optuna_storage(url)).get_trials()
 
 
+def kill_9_controller_when(db, sid: str, settings, model_root, ray_local, *, trials_done: int,
+                           deadline_s: float = 60.0) -> None:
+    """Run the controller as its own process until the study has ``trials_done`` trials done,
+    then kill -9 it."""
+    url, sessions = db
+    env = {**os.environ, "EVOMERGE_MODEL_ROOTS": str(model_root), "EVOMERGE_MAX_WORKERS": "2",
+           "EVOMERGE_RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "EVOMERGE_DATA_DIR": str(settings.data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "service.controller", "--database-url", url,
+                             "--exit-when-idle"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while study_row(sessions, sid).trials_done < trials_done:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the controller subprocess made no progress"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_study_runs_to_its_budget_and_rescores_the_best(llama, db, settings, ray_local):
     import optuna
 
@@ -138,21 +160,7 @@ def test_kill_9_and_restart_continue_the_study(llama, db, settings, ray_local, m
     url, sessions = db
     budget = 16
     sid = add_study(sessions, spec(llama, trials=budget, delay=0.3))
-    env = {**os.environ, "EVOMERGE_MODEL_ROOTS": str(model_root), "EVOMERGE_MAX_WORKERS": "2",
-           "EVOMERGE_RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "EVOMERGE_DATA_DIR": str(settings.data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.controller", "--database-url", url,
-                             "--exit-when-idle"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while study_row(sessions, sid).trials_done < 6:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the controller subprocess made no progress"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_9_controller_when(db, sid, settings, model_root, ray_local, trials_done=6)
     before = trials(sessions, sid)
     assert 6 <= len(before) < budget
     study = study_row(sessions, sid)

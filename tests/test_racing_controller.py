@@ -4,22 +4,16 @@ family, the ``noop`` evaluator (it races: the same fingerprint at every rung), S
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import optuna
 import pytest
 
 from service.controller import Controller
 from service.db import StudyStatus, TrialState
 from tests.test_controller import (
-    REPO,
     add_study,
     db,
     events,
+    kill_9_controller_when,
     optuna_trials,
     settings,
     spec,
@@ -83,35 +77,17 @@ def test_a_raced_study_prunes_and_records_partial_scores(llama, db, settings, ra
     controller = Controller(settings, sessions)
     try:
         step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)
-        board = controller.runtimes.get(sid)
     finally:
         controller.stop()
     check_raced_rows(url, sessions, sid, 14)
-    rows = trials(sessions, sid)
-    # what reached each rung is what the next dispatches raced against
-    if board is not None and board.race is not None:
-        assert len(board.race.recorded[0]) == len(rows)
 
 
 def test_a_raced_study_survives_kill_9(llama, db, settings, ray_local, model_root):
     url, sessions = db
     budget = 14
     sid = add_study(sessions, raced(llama, trials=budget, delay=0.3))
-    env = {**os.environ, "EVOMERGE_MODEL_ROOTS": str(model_root), "EVOMERGE_MAX_WORKERS": "2",
-           "EVOMERGE_RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "EVOMERGE_DATA_DIR": str(settings.data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.controller", "--database-url", url,
-                             "--exit-when-idle"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180  # generous: the subprocess starts its own workers
-        while study_row(sessions, sid).trials_done < 5:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the controller subprocess made no progress"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # generous: the subprocess starts its own workers on a busy machine
+    kill_9_controller_when(db, sid, settings, model_root, ray_local, trials_done=5, deadline_s=180)
     before = {t.number: t.state for t in trials(sessions, sid)}
     assert len(before) < budget
     controller = Controller(settings, sessions)
