@@ -146,7 +146,7 @@ def _spec(llama: tuple[Path, list[Path]]) -> dict[str, Any]:
 
 
 def _trials(http: httpx.Client, url: str, study_id: str) -> list[dict[str, Any]]:
-    r = http.get(f"{url}/studies/{study_id}/trials", params={"limit": 500})
+    r = http.get(f"{url}/studies/{study_id}/trials", params={"limit": 500, "include": "params"})
     assert r.status_code == 200, r.text
     return r.json()["items"]
 
