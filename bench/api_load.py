@@ -34,10 +34,13 @@ docs/benchmarks.md ("Service: API latency and controller throughput").
    Ray handing the result back, the controller (result recorded → next trial dispatched,
    the trial rows' timestamps) and Ray starting the next trial. ``--service split`` runs
    the API (``evomerge serve --no-controller``) and the controller
-   (``python -m service.controller``) as two processes instead; ``both`` (the default)
-   runs one after the other. CPU seconds of each process, of Ray's processes and of the
-   client are printed: on a 2-core machine they compete. The subprocesses import this
-   checkout (``PYTHONPATH``), so an older checkout can be measured with its own copy.
+   (``python -m service.controller``) started apart instead; ``in-process`` runs ``evomerge
+   serve --controller in-process`` (the controller a thread of the API process); ``one`` is
+   ``evomerge serve`` as it runs by default (the controller its supervised child process);
+   ``both`` (the default) runs ``one`` then ``split``, ``all`` the three. CPU seconds of each
+   process, of Ray's processes and of the client are printed: on a 2-core machine they
+   compete. The subprocesses import this checkout (``PYTHONPATH``), so an older checkout
+   can be measured with its own copy.
 
 Everything runs on this machine; no network beyond loopback.
 """
@@ -247,15 +250,18 @@ class CpuMeter:
 
     def read(self) -> dict[str, float]:
         out = {"client": time.process_time()}
-        ray = 0.0
+        named = {proc.pid for proc in self.procs.values()}
+        others: dict[int, Any] = {}  # every other descendant once (Ray's)
         for name, proc in self.procs.items():
             with contextlib.suppress(Exception):
                 t = proc.cpu_times()
                 out[name] = t.user + t.system
-                for child in proc.children(recursive=True):
-                    with contextlib.suppress(Exception):
-                        ct = child.cpu_times()
-                        ray += ct.user + ct.system
+                others.update((c.pid, c) for c in proc.children(recursive=True) if c.pid not in named)
+        ray = 0.0
+        for child in others.values():
+            with contextlib.suppress(Exception):
+                ct = child.cpu_times()
+                ray += ct.user + ct.system
         if self.procs:
             out["ray"] = ray
         return out
@@ -360,12 +366,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, seconds: float,
-                workers: int, optimizer: str, split: bool) -> dict[str, Any]:
+                workers: int, optimizer: str, split: bool, in_process: bool = False) -> dict[str, Any]:
     """One study on the real service; ``split``: the API (``evomerge serve --no-controller``) and
-    the controller (``python -m service.controller``) in two processes, else one ``evomerge serve``."""
+    the controller (``python -m service.controller``) started apart, else one ``evomerge serve``
+    (the controller its supervised child process; ``in_process``: a thread of the API process)."""
     import httpx
 
-    folder = tmp / ("service-split" if split else "service")
+    folder = tmp / ("service-split" if split else "service-in-process" if in_process else "service")
     folder.mkdir()
     db_url = f"sqlite:///{folder / 'evomerge.db'}"
     port = free_port()
@@ -376,7 +383,8 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
     env.pop("RAY_ADDRESS", None)
     env.pop("EVOMERGE_RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)  # this checkout
-    serve = [*serve_command(), "--port", str(port), "--log-level", "warning"]
+    serve = [*serve_command(), "--port", str(port), "--log-level", "warning",
+             *(["--controller", "in-process"] if in_process else [])]
     procs: dict[str, subprocess.Popen] = {}
     phases: dict[str, Any] = {}
     try:
@@ -394,6 +402,7 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
         if split:  # after the API's start-up: it migrates the database
             controller = [sys.executable, "-m", "service.controller", "--database-url", db_url]
             procs["controller"] = start(controller, env, folder / "controller.log")
+        supervised = {} if split or in_process else http.get("/health").json().get("controller") or {}
         spec = study_spec(*family, optimizer=optimizer, trials=100_000, parallelism=workers, name="api load")
         created = http.post("/studies", json=spec)
         if created.status_code != 201:
@@ -412,7 +421,8 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
                 raise RuntimeError(f"the study made no progress; see the logs in {folder}")
             time.sleep(0.5)
 
-        cpu = CpuMeter({name: p.pid for name, p in procs.items()})
+        cpu = CpuMeter({**{name: p.pid for name, p in procs.items()},
+                        **({"controller": supervised["pid"]} if supervised.get("pid") else {})})
         for phase in ("quiet", "load"):
             c0, n0, t0 = cpu.read(), done(), time.time()
             if phase == "quiet":
@@ -430,7 +440,8 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
             stop(proc)
     for phase in phases.values():
         phase["gaps"] = worker_gaps(db_url, sid, phase.pop("window"))
-    return {"workers": workers, "optimizer": optimizer, "split": split, "phases": phases}
+    return {"workers": workers, "optimizer": optimizer, "split": split, "in_process": in_process,
+            "phases": phases}
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -452,7 +463,9 @@ def print_report(ceiling: list[dict[str, Any]], services: list[dict[str, Any]],
     for run in services:
         w = run["workers"]
         how = ("the API (`evomerge serve --no-controller`) and `python -m service.controller` as two "
-               "processes" if run["split"] else "`evomerge serve` (API and controller in one process)")
+               "processes" if run["split"] else "`evomerge serve --controller in-process` (API and "
+               "controller in one process)" if run.get("in_process") else "`evomerge serve` (the API, and "
+               "the controller as its supervised child process)")
         print(f"\nService: {how}, 127.0.0.1, SQLite, {w} Ray workers, noop evaluator, {run['optimizer']}")
         print(f"{'':22}{'trials/s':>9}{'worker busy':>13}{'worker idle':>13}{'Ray back':>10}"
               f"{'controller':>12}{'Ray start':>11}   CPU s")
@@ -490,9 +503,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="Ray workers of the service run (default: the CPU count)")
     parser.add_argument("--skip-ceiling", action="store_true", help="skip the controller-alone runs")
     parser.add_argument("--skip-service", action="store_true", help="skip the service runs")
-    parser.add_argument("--service", choices=("one", "split", "both"), default="both",
-                        help="one: `evomerge serve`; split: the API and the controller as two processes "
-                             "(default: both, one after the other)")
+    parser.add_argument("--service", choices=("one", "in-process", "split", "both", "all"), default="both",
+                        help="one: `evomerge serve` (its controller a child process); in-process: `evomerge "
+                             "serve --controller in-process`; split: the API and `python -m "
+                             "service.controller` started apart; both: one, then split (default); "
+                             "all: the three")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -517,9 +532,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures["controller"] = ceiling
         services = []
         if not args.skip_service:
-            for split in {"one": [False], "split": [True], "both": [False, True]}[args.service]:
+            layouts = {"one": ["one"], "in-process": ["in-process"], "split": ["split"],
+                       "both": ["one", "split"], "all": ["in-process", "one", "split"]}[args.service]
+            for layout in layouts:
                 services.append(service_run(family, tmp, clients=args.clients, seconds=args.seconds,
-                                            workers=args.workers, optimizer="optuna-cmaes", split=split))
+                                            workers=args.workers, optimizer="optuna-cmaes",
+                                            split=layout == "split", in_process=layout == "in-process"))
         figures["service"] = services
     print_report(ceiling, services, args)
     if args.json:

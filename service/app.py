@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)`` (a factory; nothing runs at import).
 
 Start-up migrates the database (idempotent), opens the engine, and — unless
-``start_controller=False`` (tests, or an API-only replica) — starts the study controller.
+``start_controller=False`` (tests, or an API-only replica) — starts the study controller: in a
+thread, or with ``controller_process=True`` as a supervised child process (service/controller_process.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ A web dashboard is served at `/` (its files are public; it calls this API with y
 """
 
 
-def _start_controller(state: AppState) -> Any:
+def _start_controller(state: AppState, as_process: bool) -> Any:
+    if as_process:  # a supervised child process (service/controller_process.py)
+        from service.controller_process import ControllerProcess
+
+        supervised = ControllerProcess(state.settings)
+        supervised.start()
+        return supervised
     try:
         from service.controller import Controller
     except ImportError as exc:
@@ -49,10 +56,13 @@ def _start_controller(state: AppState) -> Any:
 
 
 def create_app(settings: Settings | None = None, *, start_controller: bool = True,
-               poll_seconds: float = 0.5) -> FastAPI:
+               controller_process: bool = False, poll_seconds: float = 0.5) -> FastAPI:
     """The API app for ``settings`` (default: from the environment, read now).
 
-    ``poll_seconds``: how often the event stream polls the database.
+    ``controller_process``: run the controller as a supervised child process (``evomerge serve``'s
+    default) rather than in a thread of this one.
+
+    ``poll_seconds``: how often the event streams' poller (one per followed study) reads the database.
     """
     settings = settings or get_settings()
 
@@ -66,13 +76,15 @@ def create_app(settings: Settings | None = None, *, start_controller: bool = Tru
         engine = make_engine(settings.database_url)
         state = AppState(settings=settings, engine=engine, sessions=session_factory(engine),
                          poll_seconds=poll_seconds)
+        state.hub = events.EventHub(state)  # one poller per followed study, for all its subscribers
         try:
             if start_controller:
-                state.controller = await run_in_threadpool(_start_controller, state)
+                state.controller = await run_in_threadpool(_start_controller, state, controller_process)
             app.state.evomerge = state
             yield
         finally:
             app.state.evomerge = None
+            await state.hub.close()
             if state.controller is not None:
                 await run_in_threadpool(state.controller.stop)
             engine.dispose()
@@ -90,16 +102,22 @@ def create_app(settings: Settings | None = None, *, start_controller: bool = Tru
              responses={503: {"model": HealthDegradedOut,
                               "description": "starting up, or degraded: the database does not answer, "
                                              "the data disk is (nearly) full or read-only, or the study "
-                                             "controller is stalled on a write fault"}})
+                                             "controller is stalled on a write fault, or its process is "
+                                             "down (until it is started again)"}})
     def health(state: AppState = Depends(app_state)) -> Any:
         """No token needed. Checks that the database answers, that the data directory has space
-        (EVOMERGE_MIN_FREE_BYTES) and can be written, and that the study controller is not stalled."""
+        (EVOMERGE_MIN_FREE_BYTES) and can be written, and that the study controller is not stalled (nor
+        its process down). `controller`: is it up, how often was it restarted."""
         problems = _health_problems(state)
+        report = getattr(state.controller, "health", None)  # is it up, how often was it restarted
+        controller = report() if callable(report) else None
         if problems:
             degraded = HealthDegradedOut(detail="; ".join(problems), problems=problems, version=VERSION,
-                                         database=state.engine.dialect.name, auth=settings.auth)
+                                         database=state.engine.dialect.name, auth=settings.auth,
+                                         controller=controller)
             return JSONResponse(degraded.model_dump(mode="json"), status_code=503)
-        return HealthOut(version=VERSION, database=state.engine.dialect.name, auth=settings.auth)
+        return HealthOut(version=VERSION, database=state.engine.dialect.name, auth=settings.auth,
+                         controller=controller)
 
     _add_spec_schema(app)
     return app
@@ -123,6 +141,10 @@ def _health_problems(state: AppState) -> list[str]:
     except Exception as exc:
         problems.append(f"the database does not answer: {type(exc).__name__}")
     problems.extend(_disk_problems(state.settings))
+    down = getattr(state.controller, "problem", None)  # a supervised controller process that is down
+    why = down() if callable(down) else None
+    if why:
+        problems.append(why)
     fault = getattr(state.controller, "fault", None)
     if fault is not None:
         problems.append(f"the study controller is stalled since {fault.since:%Y-%m-%d %H:%M:%S} UTC: "

@@ -27,8 +27,12 @@ def _add_client_commands(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the API server (and the study controller)")
     p.add_argument("--host", default=None, help="address to bind (default: EVOMERGE_HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: EVOMERGE_PORT, else 8765)")
+    p.add_argument("--controller", choices=("process", "in-process", "none"), default="process",
+                   help="where the study controller runs: process (default), a child process that serve "
+                        "supervises, restarts if it dies and stops on exit; in-process, a thread of the API "
+                        "process (tests, debugging); none, see --no-controller")
     p.add_argument("--no-controller", action="store_true",
-                   help="serve the API only (another process runs studies)")
+                   help="serve the API only (another process runs studies: `evomerge controller`)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=serve.cmd_serve)
 

@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
 
-    uvicorn.run(create_app(settings, start_controller=not args.no_controller), host=settings.host,
-                port=settings.port, log_level=args.log_level)
+    where = "none" if args.no_controller else args.controller
+    app = create_app(settings, start_controller=where != "none", controller_process=where == "process")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0

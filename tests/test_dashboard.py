@@ -346,6 +346,7 @@ def test_studies_page_lists_the_studies(service, browser):
     pareto = text(browser, f'tr.study-row[data-id="{service.ids["pareto"]}"]')
     assert "Pareto" in pareto and "2 objectives" in pareto
     assert "auth on" in one(browser, "#server-info").text
+    assert "controller up" in one(browser, "#server-info").text  # GET /health's controller
     service.wait_final(service.ids["parameter"])
     wait_for(browser, lambda d: attr(d, f"{row} .badge", "data-status") == "completed",
              timeout=15, what="the list refreshes by itself")

@@ -85,6 +85,19 @@ class Client:
     def study(self, study_id: str) -> dict[str, Any]:
         return self.request("GET", f"/studies/{study_id}")
 
+    def trials(self, study_id: str, *, state: str | None = None, include: str | None = None,
+               page_size: int = 500) -> Iterator[dict[str, Any]]:
+        """Every trial of the study (in ``state``, if given) by number, page by page (keyset paging:
+        ``after`` the last page's ``next_after``). Compact: ``include="recipe,params"`` adds those."""
+        params: dict[str, Any] = {"sort": "number", "limit": page_size}
+        params.update({k: v for k, v in (("state", state), ("include", include)) if v is not None})
+        while True:
+            page = self.request("GET", f"/studies/{study_id}/trials", params=params)
+            yield from page["items"]
+            if page.get("next_after") is None:
+                return
+            params["after"] = page["next_after"]
+
     def best(self, study_id: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", f"/studies/{study_id}/best")

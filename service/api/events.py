@@ -5,31 +5,29 @@ Each ``em_events`` row of the study is sent as ``id: <event id>``, ``event: <kin
 Whenever the study's progress changes, an ``event: progress`` without an id carries a
 snapshot (status, trials done, best value, budget). The stream ends with ``event: end``
 once the study has been in a final state for a few polls with no new event (the
-controller's last events follow the status), or when it is deleted. The database is
-polled (no broker needed, works on SQLite and PostgreSQL); each poll is a short query
-in a threadpool, so a client leaving cancels nothing but the wait.
+controller's last events follow the status), or when it is deleted.
+
+The subscribers of a study share one database poller in this process
+(:mod:`service.api.event_hub`): a client that reads slowly never delays the others, and
+catches up by itself when it reads again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
-from typing import Any, Union
+from typing import Union
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from service.api.deps import READ, AppState, app_state
-from service.api.schemas import ErrorOut, StudyOut
-from service.api.studies import StudyId, study_out
-from service.db.models import Event, Study
+from service.api.event_hub import EventHub
+from service.api.schemas import ErrorOut
+from service.api.studies import StudyId
+from service.db.models import Study
 
 router = APIRouter(prefix="/studies", tags=["events"])
-BATCH = 500
-END_GRACE_POLLS = 4
 MAX_ID_DIGITS = 18  # event ids are 64-bit; a longer Last-Event-ID is not one of ours
 #: One event of the stream (OpenAPI 3.1: the schema of a text/event-stream describes each event).
 SSE_EVENT = {
@@ -46,52 +44,21 @@ SSE_EVENT = {
 }
 
 
-def _poll(state: AppState, study_id: str, after: int) -> tuple[StudyOut | None, list[Event]]:
+def _exists(state: AppState, study_id: str) -> bool:
     with state.sessions() as session:
-        study = session.get(Study, study_id)
-        events = list(session.scalars(
-            select(Event).where(Event.study_id == study_id, Event.id > after)
-            .order_by(Event.id).limit(BATCH)))
-        return (study_out(state, study) if study is not None else None), events
+        return session.get(Study, study_id) is not None
 
 
-def _progress(study: StudyOut) -> dict[str, Any]:
-    return study.model_dump(mode="json", include={
-        "id", "status", "trials_done", "trials_failed", "max_trials", "max_seconds", "elapsed_seconds",
-        "best_trial_number", "best_value", "error", "status_reason", "cost"})
+def hub_of(state: AppState) -> EventHub:
+    """The app's event hub (made by the lifespan; made here for an AppState built by hand)."""
+    if state.hub is None:
+        state.hub = EventHub(state)
+    return state.hub
 
 
-async def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
-    last_progress: dict[str, Any] | None = None
-    # A final status is set before the last events are written (the controller cancels the
-    # running trials after the API marked the study cancelled): end only once the study has
-    # been final, with no new event, for a few polls.
-    grace = END_GRACE_POLLS * state.poll_seconds
-    quiet_since: float | None = None
-    loop = asyncio.get_running_loop()
-    while True:
-        study, events = await run_in_threadpool(_poll, state, study_id, after)
-        if events or study is None or not study.status.finished:
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = loop.time()
-        for event in events:
-            after = event.id
-            payload = {"id": event.id, "at": event.at.isoformat(), "kind": event.kind, "data": event.data}
-            yield ServerSentEvent(data=json.dumps(payload), event=event.kind, id=str(event.id))
-        if study is None:
-            yield ServerSentEvent(data=json.dumps({"id": study_id, "status": "deleted"}), event="end")
-            return
-        progress = _progress(study)
-        if progress != last_progress:
-            last_progress = progress
-            yield ServerSentEvent(data=json.dumps(progress), event="progress")
-        if len(events) == BATCH:
-            continue  # more are waiting
-        if quiet_since is not None and loop.time() - quiet_since >= grace:
-            yield ServerSentEvent(data=json.dumps(progress), event="end")
-            return
-        await asyncio.sleep(state.poll_seconds)
+def stream(state: AppState, study_id: str, after: int) -> AsyncIterator[bytes]:
+    """The encoded messages of one subscriber, after event id ``after`` (see the module's docstring)."""
+    return hub_of(state).follow(study_id, after)
 
 
 def _event_id(header: str | None) -> int:
@@ -121,7 +88,6 @@ async def study_events(
 ) -> EventSourceResponse:
     """Events from the start (or after `Last-Event-ID` / `?after=`), then live until the study ends."""
     start = max(after or 0, _event_id(last_event_id))
-    study, _events = await run_in_threadpool(_poll, state, study_id, 2**62)
-    if study is None:
+    if not await run_in_threadpool(_exists, state, study_id):
         raise HTTPException(404, f"no study {study_id!r} (GET /studies lists them)")
     return EventSourceResponse(stream(state, study_id, start), ping=15)

@@ -34,11 +34,28 @@ class ProblemsOut(BaseModel):
         "fix": "give its path relative to a root, or its absolute path inside one"}]}]})
 
 
+class ControllerHealthOut(BaseModel):
+    """The study controller this API process runs (absent under ``evomerge serve --no-controller``)."""
+
+    mode: Literal["process", "in-process"] = Field(
+        description="process: a child process that `evomerge serve` supervises (the default); in-process: "
+                    "a thread of the API process (`evomerge serve --controller in-process`)")
+    running: bool = Field(description="whether the controller runs now (its process, or its thread)")
+    pid: Union[int, None] = Field(None, description="its process id while it runs (mode process)")
+    restarts: int = Field(0, description="how often it was started again after it exited or was killed")
+    last_exit: Union[str, None] = Field(None, description="how its process last ended",
+                                        examples=["killed by SIGKILL", "exit code 1"])
+    up_since: Union[datetime, None] = Field(None, description="when its running process started",
+                                            examples=[_NOW])
+    next_start_in_s: Union[float, None] = Field(None, description="while it is down: when it starts again")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
     version: str = Field(examples=["0.1.0"])
     database: str = Field(description="the database backend", examples=["sqlite", "postgresql"])
     auth: bool = Field(description="whether requests need a bearer token")
+    controller: Union[ControllerHealthOut, None] = None
 
 
 class HealthDegradedOut(BaseModel):
@@ -53,6 +70,7 @@ class HealthDegradedOut(BaseModel):
     version: Union[str, None] = Field(None, examples=["0.1.0"])
     database: Union[str, None] = Field(None, examples=["sqlite", "postgresql"])
     auth: Union[bool, None] = None
+    controller: Union[ControllerHealthOut, None] = None
 
 
 def submitted_spec(study: Study) -> dict[str, Any]:
@@ -172,6 +190,35 @@ class TrialOut(BaseModel):
             worker_seconds=trial.worker_seconds, cached=bool(trial.cached), rung=trial.rung,
             created_at=trial.created_at, started_at=trial.started_at, finished_at=trial.finished_at,
         )
+
+
+class TrialItemOut(TrialOut):
+    """A trial in a list: as ``TrialOut``, but ``params`` and ``recipe`` (the large fields) are there only
+    when the page asks for them (``include=recipe,params``); GET /studies/{id}/trials/{n} has them all."""
+
+    params: Union[dict[str, Any], list[Any], None] = Field(
+        None, description="the optimizer's point; only with include=params")
+    recipe: Union[dict[str, Any], None] = Field(
+        None, description="the merge recipe (docs/recipe-format.md); only with include=recipe")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "number": 37, "state": "complete", "scores": {"zoo_xl_add/exact_match": 0.61}, "metrics": None,
+        "values": [0.61], "fitness": 0.61, "failure_reason": None, "attempts": 1, "timings": {"eval_s": 3.2},
+        "worker": "worker-0", "examples": 100, "tokens": 32_000, "worker_seconds": 3.4, "cached": False,
+        "rung": None, "created_at": _NOW, "started_at": _NOW, "finished_at": _NOW}]})
+
+
+class TrialPage(BaseModel):
+    """One page of a study's trials: ``items`` from ``offset`` (or after ``after``), ``total`` matching
+    in all, and ``next_after``: the cursor of the next page (``?after=``), None on the last one."""
+
+    items: list[TrialItemOut]
+    total: int = Field(examples=[1])
+    limit: int = Field(examples=[50])
+    offset: int = Field(examples=[0])
+    next_after: Union[int, None] = Field(
+        None, examples=[49], description="with sort=number or -number: pass it as `after` for the next page; "
+                                         "None when there is none (or for the other sorts)")
 
 
 class BaselineOut(BaseModel):

@@ -2,7 +2,8 @@
 
 The REST layer never talks to workers: it validates and stores a study (status
 ``queued``) and changes statuses; the controller (``service.controller``) does the rest.
-The rows are read and written by :mod:`service.api.study_rows`.
+The rows are read and written by :mod:`service.api.study_rows`; the two reads a dashboard
+repeats (a study, a trials page) by :mod:`service.api.study_reads`, with ETags.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
+from service.api import trial_pages as pages
 from service.api.deps import READ, WRITE, AppState, app_state
 from service.api.schemas import (
     BaselineOut,
@@ -22,7 +24,9 @@ from service.api.schemas import (
     ProblemsOut,
     StudyOut,
     TrialOut,
+    TrialPage,
 )
+from service.api.study_reads import study_out, study_response, trials_response
 from service.api.study_rows import (
     delete_if_idle,
     get_study_row,
@@ -58,21 +62,6 @@ evaluation:
   options: {task_dirs: ["evomerge:zoo"]}
 budget: {max_trials: 300}
 """
-
-
-def status_reason(state: AppState, study_id: str) -> str | None:
-    """Why an unfinished study does not progress now: what the study controller running in this
-    process knows (a write fault it is stalled on, a repair in progress); None otherwise."""
-    reason = getattr(state.controller, "status_reason", None)
-    return reason(study_id) if callable(reason) else None
-
-
-def study_out(state: AppState, study: Study) -> StudyOut:
-    """``StudyOut.of(study)`` with its ``status_reason`` (queued and running studies only)."""
-    out = StudyOut.of(study)
-    if out.status in (StudyStatus.QUEUED, StudyStatus.RUNNING):
-        out.status_reason = status_reason(state, study.id)
-    return out
 
 
 def refuse_if_unwritable(state: AppState, what: str) -> None:
@@ -189,38 +178,41 @@ def list_studies(
                               offset=offset)
 
 
-@router.get("/{study_id}", response_model=StudyOut, summary="One study", responses={**_E401, **_E404})
-def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ) -> StudyOut:
-    with state.sessions() as session:
-        return study_out(state, get_study_row(session, study_id))
+IfNoneMatch = Annotated[Union[str, None], Header(
+    max_length=4096, description="an ETag of this URL's last answer: 304 without a body while it is current")]
+_E304 = {304: {"description": "not modified: the ETag sent in If-None-Match is current (no body)"}}
+
+
+@router.get("/{study_id}", response_model=StudyOut, summary="One study",
+            responses={**_E304, **_E401, **_E404})
+def get_study(study_id: StudyId, state: AppState = Depends(app_state), _: str = READ,
+              if_none_match: IfNoneMatch = None) -> Response:
+    """With an `ETag`; `If-None-Match` with it answers 304 while the study is unchanged."""
+    return study_response(state, study_id, if_none_match)
 
 
 TrialSort = Literal["number", "-number", "fitness", "-fitness", "finished_at", "-finished_at"]
-_SORTS: dict[str, Any] = {
-    "number": Trial.number.asc(), "-number": Trial.number.desc(),
-    "fitness": Trial.fitness.asc().nulls_last(), "-fitness": Trial.fitness.desc().nulls_last(),
-    "finished_at": Trial.finished_at.asc().nulls_last(),
-    "-finished_at": Trial.finished_at.desc().nulls_last(),
-}
 
 
-@router.get("/{study_id}/trials", response_model=Page[TrialOut], summary="A study's trials",
-            responses={**_E401, **_E404})
+@router.get("/{study_id}/trials", response_model=TrialPage, summary="A study's trials",
+            responses={**_E304, **_E401, **_E404})
 def list_trials(
     study_id: StudyId, state: AppState = Depends(app_state), _: str = READ,
     sort: TrialSort = Query("number", description="a field, '-' first for descending; nulls last"),
     trial_state: Union[TrialState, None] = Query(None, alias="state",
                                                  description="only trials in this state"),
-    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=2**31 - 1),
-) -> Page[TrialOut]:
-    with state.sessions() as session:
-        get_study_row(session, study_id)
-        query = select(Trial).where(Trial.study_id == study_id)
-        if trial_state is not None:
-            query = query.where(Trial.state == trial_state)
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(query.order_by(_SORTS[sort], Trial.number).limit(limit).offset(offset))
-        return Page[TrialOut](items=[TrialOut.of(t) for t in rows], total=total, limit=limit, offset=offset)
+    limit: int = Query(50, ge=1, le=pages.MAX_LIMIT), offset: int = Query(0, ge=0, le=2**31 - 1),
+    after: Union[int, None] = Query(None, ge=0, le=2**31 - 1, description=(
+        "keyset paging (sort=number or -number): the trials after this number, in the sort's order; "
+        "pass the last page's `next_after`")),
+    include: Union[str, None] = Query(None, max_length=100, pattern=NO_NUL, examples=["recipe,params"],
+                                      description="the large fields to add to each trial: recipe, params"),
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """Compact trials (no `recipe` or `params` unless `include` names them), with an `ETag`."""
+    q = pages.PageQuery(sort, trial_state, limit, offset, after, pages.parse_include(include))
+    pages.check(q)
+    return trials_response(state, study_id, q, if_none_match)
 
 
 @router.get("/{study_id}/trials/{number}", response_model=TrialOut, summary="One trial",

@@ -1,7 +1,8 @@
 """The study controller: ask → dispatch → record → tell, for every active study.
 
-One loop in the service process (``Controller.start()``) runs all studies whose status
-is ``queued`` or ``running``. Each iteration (``Controller.step()``):
+One loop (``Controller.start()`` in a thread, or ``python -m service.controller``: the process
+``evomerge serve`` supervises by default) runs all studies whose status is ``queued`` or
+``running``. Each iteration (``Controller.step()``):
 
 1. loads the active studies and builds a :class:`~service.runtime.StudyRuntime` for new
    ones (re-validating the stored spec, restoring the optimizer, reconciling what a
@@ -31,7 +32,9 @@ One module per job; :class:`Controller` (``loop``) puts them together:
 - ``end_of_study``: baselines, held-out re-scoring, completing a study;
 - ``optimizer_store``: :class:`OptimizerStore`, each study's optimizer, kept as it declares;
 - ``service.controller_faults``: write faults (a full disk, a lost database);
-- ``standalone``: ``python -m service.controller``.
+- ``standalone``: ``python -m service.controller``;
+- ``supervised``: its side of ``evomerge serve``'s supervision (``service.controller_process``):
+  SIGTERM, the lifeline on stdin, the state it reports.
 
 How often a trial may be dispatched is the retry policy of workers/retry.py.
 """

@@ -69,6 +69,10 @@ class Controller(Recovery, Scheduler, EndOfStudy, WriteFaultRecovery):
         self.runtimes.clear()
         self._owner.clear()
 
+    def health(self) -> dict[str, Any]:
+        """For ``/health``: this controller runs in a thread of the API process."""
+        return {"mode": "in-process", "running": self._thread is not None and self._thread.is_alive()}
+
     def run_forever(self) -> None:
         while not self._stop.is_set():
             if not self.iterate():

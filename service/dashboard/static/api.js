@@ -85,7 +85,9 @@ export async function api(path, { method = "GET", json, body, contentType, signa
   }
   let response;
   try {
-    response = await fetch(path, { method, headers, body: payload, signal, cache: "no-store" });
+    // a GET asks again every time, with the ETag of what the browser kept: a 304 reuses it
+    const cache = method === "GET" ? "no-cache" : "no-store";
+    response = await fetch(path, { method, headers, body: payload, signal, cache });
   } catch (err) {
     if (err && err.name === "AbortError") throw err;
     throw new ApiError(0, `the service does not answer (${err && err.message ? err.message : err}); is it running?`);
@@ -96,16 +98,20 @@ export async function api(path, { method = "GET", json, body, contentType, signa
   return response.json();
 }
 
-/** Every item of a paged list (`{items, total, limit, offset}`), page by page, up to `cap`. */
+/** Every item of a paged list (`{items, total, limit, offset}`), page by page, up to `cap`: by the
+ *  cursor (`after` = the last page's `next_after`) where the list gives one, else by offset. */
 export async function allPages(path, params = {}, { cap = 20000, pageSize = 500, signal } = {}) {
   const items = [];
   let total = 0;
-  for (let offset = 0; offset < cap; offset += pageSize) {
-    const q = new URLSearchParams({ ...params, limit: String(pageSize), offset: String(offset) });
+  let after = null;
+  while (items.length < cap) {
+    const at = after !== null ? { after: String(after) } : { offset: String(items.length) };
+    const q = new URLSearchParams({ ...params, limit: String(pageSize), ...at });
     const page = await api(`${path}?${q}`, { signal });
     items.push(...page.items);
     total = page.total;
     if (items.length >= total || page.items.length === 0) break;
+    after = page.next_after ?? null;
   }
   return { items, total };
 }

@@ -97,6 +97,18 @@ document.getElementById("token-forget").addEventListener("click", () => {
   route(true);
 });
 
+/** The study controller this server runs (GET /health's `controller`): up or down, restarts. */
+function controllerInfo(c) {
+  if (!c) return null;  // serve --no-controller: another process runs the studies
+  const restarts = c.restarts ? ` (${c.restarts} restart${c.restarts === 1 ? "" : "s"})` : "";
+  const title = c.mode === "process"
+    ? `the controller's own process${c.pid ? ` (pid ${c.pid})` : ""}, supervised by the API` +
+      (c.last_exit ? `; last exit: ${c.last_exit}` : "")
+    : "the controller runs in the API's process";
+  return [" · ", h("span", { class: c.running ? null : "error-text", title },
+    `controller ${c.running ? "up" : "down"}${restarts}`)];
+}
+
 async function health() {
   const info = document.getElementById("server-info");
   try {
@@ -104,7 +116,8 @@ async function health() {
     serverAuth = hz.auth;
     fill(info, `v${hz.version} · ${hz.database} · `, hz.auth
       ? h("span", { title: "requests need a bearer token" }, "auth on")
-      : h("span", { class: "warn-text", title: "anyone who reaches this server can use it (loopback only)" }, "auth off"));
+      : h("span", { class: "warn-text", title: "anyone who reaches this server can use it (loopback only)" }, "auth off"),
+      controllerInfo(hz.controller));
     if (hz.auth && !token.get()) askForToken("");
   } catch (err) {
     const degraded = err && err.status === 503 && err.detail;
