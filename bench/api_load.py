@@ -71,6 +71,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # http_load, sse_fanout
 
 OPTIMIZERS = ("optuna-cmaes", "random", "cma")
 
@@ -272,45 +273,57 @@ class CpuMeter:
 
 
 async def api_load(url: str, study_id: str, clients: int, seconds: float) -> dict[str, Any]:
-    """``clients`` keep-alive clients alternating the two GETs for ``seconds``."""
-    import httpx
+    """``clients`` keep-alive clients alternating the two GETs for ``seconds`` (bench/http_load.py:
+    raw HTTP/1.1, revalidating with the ETag each last got, as a dashboard's browser does)."""
+    from http_load import closed_loop
 
+    host, port = url.removeprefix("http://").split(":")
     paths = [f"/studies/{study_id}", f"/studies/{study_id}/trials"]
-    latencies: dict[str, list[float]] = {p: [] for p in paths}
-    errors: Counter[str] = Counter()
-    sizes: dict[str, list[int]] = {p: [] for p in paths}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        await asyncio.gather(*(client.get(paths[i % 2]) for i in range(clients)))  # open the connections
-        deadline = time.perf_counter() + seconds
-
-        async def run(i: int) -> None:
-            k = i % 2
-            while time.perf_counter() < deadline:
-                path = paths[k]
-                k ^= 1
-                start = time.perf_counter()
-                try:
-                    response = await client.get(path)
-                except httpx.HTTPError as err:
-                    errors[f"{path}: {type(err).__name__}"] += 1
-                    continue
-                elapsed = time.perf_counter() - start
-                if response.status_code == 200:
-                    latencies[path].append(elapsed)
-                    sizes[path].append(len(response.content))
-                else:
-                    errors[f"{path}: HTTP {response.status_code}"] += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(run(i) for i in range(clients)))
-        wall = time.perf_counter() - start
+    got = await closed_loop(host, int(port), paths, clients, seconds)
+    wall = got["seconds"]
     out = {}
     for path, names in zip(paths, ("GET /studies/{id}", "GET /studies/{id}/trials")):
-        xs = latencies[path]
+        xs = got["latencies"][path]
+        sizes = got["sizes"][path]
         out[names] = {**summary_ms(xs), "requests": len(xs), "per_s": len(xs) / wall,
-                      "bytes": int(statistics.median(sizes[path])) if sizes[path] else 0}
-    return {"endpoints": out, "errors": dict(errors), "seconds": wall, "clients": clients}
+                      "bytes": int(statistics.median(sizes)) if sizes else 0,
+                      "statuses": got["statuses"][path]}
+    every = [x for xs in got["latencies"].values() for x in xs]
+    return {"endpoints": out, "all": {**summary_ms(every), "per_s": len(every) / wall},
+            "errors": got["errors"], "seconds": wall, "clients": clients}
+
+
+def sse_phase(url: str, db_url: str, study_id: str, subscribers: int, seconds: float,
+              drain: float = 15.0) -> dict[str, Any]:
+    """``subscribers`` event streams of the running study held ``seconds`` (bench/sse_fanout.py),
+    followed from the study's last event at the start; then the study is paused (no new events)
+    and the streams get ``drain`` seconds to deliver what is on its way. Does every subscriber
+    receive every event, in order?"""
+    import threading
+
+    import httpx
+    from sse_fanout import _stored_ids, sse_load
+
+    marks: dict[str, list[int]] = {}
+
+    def pause_later() -> None:
+        time.sleep(seconds)
+        marks["at_pause"] = _stored_ids(db_url, study_id)
+        httpx.post(f"{url}/studies/{study_id}/pause", timeout=30)
+
+    # as a dashboard does: the study's state read, then its events followed from the last one
+    after = max(_stored_ids(db_url, study_id), default=0)
+    timer = threading.Thread(target=pause_later, daemon=True)
+    timer.start()
+    got = asyncio.run(sse_load(url, study_id, subscribers, seconds + drain, after=after))
+    timer.join()
+    stored = [i for i in _stored_ids(db_url, study_id) if i > after]
+    complete = sum(1 for ids in got["received"] if ids == stored)
+    in_order = sum(1 for ids in got["received"] if ids == stored[:len(ids)])
+    return {"subscribers": subscribers, "seconds": seconds, "drain_s": drain, "connect_s": got["connect_s"],
+            "every_event_in_order": complete, "gap_free_prefix": in_order, "events": len(stored),
+            "events_at_pause": len(marks.get("at_pause", [])),
+            "received_min": min((len(ids) for ids in got["received"]), default=0)}
 
 
 def worker_gaps(db_url: str, study_id: str, window: tuple[float, float]) -> dict[str, Any]:
@@ -366,15 +379,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, seconds: float,
-                workers: int, optimizer: str, split: bool, in_process: bool = False) -> dict[str, Any]:
+                workers: int, optimizer: str, split: bool, in_process: bool = False,
+                database_url: str | None = None, sse: int = 0, sse_seconds: float = 60.0) -> dict[str, Any]:
     """One study on the real service; ``split``: the API (``evomerge serve --no-controller``) and
     the controller (``python -m service.controller``) started apart, else one ``evomerge serve``
     (the controller its supervised child process; ``in_process``: a thread of the API process)."""
     import httpx
 
     folder = tmp / ("service-split" if split else "service-in-process" if in_process else "service")
-    folder.mkdir()
-    db_url = f"sqlite:///{folder / 'evomerge.db'}"
+    folder.mkdir(exist_ok=True)
+    db_url = database_url or f"sqlite:///{folder / 'evomerge.db'}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "EVOMERGE_DATA_DIR": str(folder), "EVOMERGE_DATABASE_URL": db_url,
@@ -411,7 +425,7 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
 
         def done() -> int:
             study = http.get(f"/studies/{sid}").json()
-            if study["status"] not in ("queued", "running"):
+            if study["status"] not in ("queued", "running", "paused"):  # the SSE phase ends paused
                 raise RuntimeError(f"the study is {study['status']}: {study.get('error')}")
             return int(study["trials_done"])
 
@@ -423,16 +437,18 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
 
         cpu = CpuMeter({**{name: p.pid for name, p in procs.items()},
                         **({"controller": supervised["pid"]} if supervised.get("pid") else {})})
-        for phase in ("quiet", "load"):
+        for phase in ("quiet", "load", *(["sse"] if sse else [])):
             c0, n0, t0 = cpu.read(), done(), time.time()
+            load = streams = None
             if phase == "quiet":
                 time.sleep(seconds)
-                load = None
-            else:
+            elif phase == "load":
                 load = asyncio.run(api_load(url, sid, clients, seconds))
+            else:
+                streams = sse_phase(url, db_url, sid, sse, sse_seconds)
             c1, n1, t1 = cpu.read(), done(), time.time()
             phases[phase] = {"trials_per_s": (n1 - n0) / (t1 - t0), "window": (t0, t1),
-                             "cpu_s": CpuMeter.diff(c0, c1), "seconds": t1 - t0, "api": load}
+                             "cpu_s": CpuMeter.diff(c0, c1), "seconds": t1 - t0, "api": load, "sse": streams}
         http.post(f"/studies/{sid}/cancel")
         http.close()
     finally:
@@ -441,7 +457,7 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
     for phase in phases.values():
         phase["gaps"] = worker_gaps(db_url, sid, phase.pop("window"))
     return {"workers": workers, "optimizer": optimizer, "split": split, "in_process": in_process,
-            "phases": phases}
+            "database": db_url.split(":", 1)[0], "phases": phases}
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -466,13 +482,15 @@ def print_report(ceiling: list[dict[str, Any]], services: list[dict[str, Any]],
                "processes" if run["split"] else "`evomerge serve --controller in-process` (API and "
                "controller in one process)" if run.get("in_process") else "`evomerge serve` (the API, and "
                "the controller as its supervised child process)")
-        print(f"\nService: {how}, 127.0.0.1, SQLite, {w} Ray workers, noop evaluator, {run['optimizer']}")
+        print(f"\nService: {how}, 127.0.0.1, {run.get('database', 'sqlite')}, {w} Ray workers, "
+              f"noop evaluator, {run['optimizer']}")
         print(f"{'':22}{'trials/s':>9}{'worker busy':>13}{'worker idle':>13}{'Ray back':>10}"
               f"{'controller':>12}{'Ray start':>11}   CPU s")
         print(f"{'':22}{'':>9}{'ms p50':>13}{'ms p50/p99':>13}{'ms p50':>10}{'ms p50/p99':>12}{'ms p50':>11}")
         for name, ph in run["phases"].items():
             g = ph["gaps"]
-            label = "no API traffic" if name == "quiet" else f"{args.clients} clients"
+            label = {"quiet": "no API traffic", "load": f"{args.clients} clients"}.get(
+                name, f"{args.sse} SSE subscribers")
             cpu = ", ".join(f"{k} {v:.1f}" for k, v in ph["cpu_s"].items())
             print(f"{label:22}{ph['trials_per_s']:>9.1f}{g['worker_busy']['p50_ms']:>13.1f}"
                   f"{g['worker_idle']['p50_ms']:>7.1f}/{g['worker_idle']['p99_ms']:<5.0f}"
@@ -480,14 +498,25 @@ def print_report(ceiling: list[dict[str, Any]], services: list[dict[str, Any]],
                   f"{g['controller']['p50_ms']:>6.1f}/{g['controller']['p99_ms']:<5.0f}"
                   f"{g['ray_dispatch']['p50_ms']:>11.1f}   {cpu} in {ph['seconds']:.0f} s")
         load = run["phases"]["load"]["api"]
-        print(f"API under load: {load['clients']} concurrent keep-alive clients (asyncio + httpx), "
-              f"{load['seconds']:.0f} s, while the study runs")
-        print(f"{'endpoint':28}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'bytes':>8}")
+        print(f"API under load: {load['clients']} closed-loop keep-alive clients (bench/http_load.py, "
+              f"revalidating by ETag), {load['seconds']:.0f} s, while the study runs")
+        print(f"{'endpoint':28}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'bytes':>8}  statuses")
         for name, e in load["endpoints"].items():
             print(f"{name:28}{e['requests']:>9}{e['per_s']:>8.0f}{e['p50_ms']:>9.1f}{e['p99_ms']:>9.1f}"
-                  f"{e['bytes']:>8}")
+                  f"{e['bytes']:>8}  {e.get('statuses')}")
+        a = load["all"]
+        kept = run["phases"]["load"]["trials_per_s"] / max(run["phases"]["quiet"]["trials_per_s"], 1e-9)
+        print(f"{'all':28}{'':>9}{a['per_s']:>8.0f}{a['p50_ms']:>9.1f}{a['p99_ms']:>9.1f}   "
+              f"controller kept {kept:.0%} of its trial rate")
         if load["errors"]:
             print(f"errors: {load['errors']}")
+        sse = run["phases"].get("sse")
+        if sse:
+            st = sse["sse"]
+            api_cpu = sse["cpu_s"].get("server", sse["cpu_s"].get("api", 0.0)) / sse["seconds"]
+            print(f"SSE: {st['subscribers']} subscribers for {st['seconds']:.0f} s: "
+                  f"{st['every_event_in_order']} received every event in order ({st['events']} events; "
+                  f"all connected after {st['connect_s']:.1f} s); API process {api_cpu:.0%} of one core")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -508,6 +537,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "serve --controller in-process`; split: the API and `python -m "
                              "service.controller` started apart; both: one, then split (default); "
                              "all: the three")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the service's database (postgresql: a throw-away schema of the test server)")
+    parser.add_argument("--sse", type=int, default=500, help="SSE subscribers of the last phase (0: none)")
+    parser.add_argument("--sse-seconds", type=float, default=60.0, help="how long they are held")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -535,9 +568,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             layouts = {"one": ["one"], "in-process": ["in-process"], "split": ["split"],
                        "both": ["one", "split"], "all": ["in-process", "one", "split"]}[args.service]
             for layout in layouts:
-                services.append(service_run(family, tmp, clients=args.clients, seconds=args.seconds,
-                                            workers=args.workers, optimizer="optuna-cmaes",
-                                            split=layout == "split", in_process=layout == "in-process"))
+                with contextlib.ExitStack() as stack:
+                    db_url = None
+                    if args.database == "postgresql":
+                        from service.db.testing import postgres_schema, postgres_url
+
+                        db_url = stack.enter_context(postgres_schema(postgres_url()))
+                    services.append(service_run(family, tmp, clients=args.clients, seconds=args.seconds,
+                                                workers=args.workers, optimizer="optuna-cmaes",
+                                                split=layout == "split", in_process=layout == "in-process",
+                                                database_url=db_url, sse=args.sse,
+                                                sse_seconds=args.sse_seconds))
         figures["service"] = services
     print_report(ceiling, services, args)
     if args.json:

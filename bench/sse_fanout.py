@@ -48,15 +48,15 @@ async def _subscribe(host: str, port: int, path: str, ids: list[int], headers: s
 
 
 async def sse_load(url: str, study_id: str, subscribers: int, seconds: float,
-                   token: str | None = None) -> dict[str, Any]:
-    """``subscribers`` streams of the study (from its first event), held ``seconds``; each one's
-    received event ids, and the time until every one had its first event."""
+                   token: str | None = None, after: int | None = None) -> dict[str, Any]:
+    """``subscribers`` streams of the study (from its first event, or those after ``after``), held
+    ``seconds``; each one's received event ids, and the time until every one had its first event."""
     host, port = url.removeprefix("http://").split(":")
     headers = f"Authorization: Bearer {token}\r\n" if token else ""
     received: list[list[int]] = [[] for _ in range(subscribers)]
     began = time.monotonic()
-    tasks = [asyncio.create_task(_subscribe(host, int(port), f"/studies/{study_id}/events", ids, headers))
-             for ids in received]
+    path = f"/studies/{study_id}/events" + (f"?after={after}" if after is not None else "")
+    tasks = [asyncio.create_task(_subscribe(host, int(port), path, ids, headers)) for ids in received]
     while not all(received) and time.monotonic() - began < seconds:
         await asyncio.sleep(0.05)
     connected = time.monotonic() - began

@@ -56,5 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     where = "none" if args.no_controller else args.controller
     app = create_app(settings, start_controller=where != "none", controller_process=where == "process")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    # no access log unless debugging: a line per request costs more than answering a cached study read
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=args.log_level in ("debug", "trace"))
     return 0
