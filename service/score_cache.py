@@ -61,6 +61,33 @@ class Probe:
     entry: ScoreCacheEntry | None
 
 
+def _renamed(data: Mapping[str, Any], names: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
+    """A recipe's JSON with every model reference (as ``Recipe.with_models_renamed`` finds them:
+    ``base_model``, ``tokenizer_source`` unless "base", each model entry, each slice's base and
+    sources) replaced by ``names[ref]``, and the set of new names. KeyError: a model not named."""
+    out = dict(data)
+    used: set[str] = set()
+
+    def rename(ref: str) -> str:
+        used.add(names[ref])
+        return names[ref]
+
+    if out.get("base_model") is not None:
+        out["base_model"] = rename(out["base_model"])
+    if out.get("tokenizer_source") not in (None, "base"):
+        out["tokenizer_source"] = rename(out["tokenizer_source"])
+    out["models"] = [{**e, "model": rename(e["model"])} for e in out.get("models") or []] or out.get("models")
+    slices = []
+    for sl in out.get("slices") or []:
+        sl = {**sl, "sources": [{**src, "model": rename(src["model"])} for src in sl.get("sources", [])]}
+        if sl.get("base_model") is not None:
+            sl["base_model"] = rename(sl["base_model"])
+        slices.append(sl)
+    if out.get("slices"):
+        out["slices"] = slices
+    return out, used
+
+
 @dataclass
 class ScoreCacheContext:
     """One study's share of the key, computed once per runtime; ``reason``: why the cache is off."""
@@ -80,13 +107,13 @@ class ScoreCacheContext:
 
         if self.reason is not None:
             return None
-        rec = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+        # the JSON the trial row stores (no second dump or validation of the recipe per trial)
+        data = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
         try:
-            canon = rec.with_models_renamed(lambda ref: self.models[ref])
+            canon, models = _renamed(data, self.models)
         except KeyError:
             return None
-        parts = {**self.fixed, "recipe": sha256_text(canonical_json(canon.model_dump(mode="json"))),
-                 "models": sorted(set(canon.referenced_models()))}
+        parts = {**self.fixed, "recipe": sha256_text(canonical_json(canon)), "models": sorted(models)}
         return sha256_text(canonical_json(parts)), parts
 
     def remember(self, in_flight_id: int, probe: Probe | None, in_flight: Mapping[int, Any]) -> None:
@@ -281,5 +308,14 @@ def settle(rt: StudyRuntime, in_flight_id: int, found: Probe | None) -> ScoreCac
 
 def check(sessions: sessionmaker[Session], settings: Settings, rt: StudyRuntime, in_flight_id: int,
           recipe: Recipe | Mapping[str, Any]) -> ScoreCacheEntry | None:
-    """:func:`probe` then :func:`settle`, for a candidate whose id is known (a baseline)."""
+    """:func:`probe` then :func:`settle`, for a candidate whose id is known (a baseline). A recipe
+    given as JSON (a baseline's, written short) is validated first, so that its key is the key of
+    the same recipe as a trial dumps it (defaults included)."""
+    from search_spaces.recipe import Recipe
+
+    if not isinstance(recipe, Recipe):
+        try:
+            recipe = Recipe.model_validate(recipe)
+        except ValueError:
+            return None  # the worker reports why it cannot be built
     return settle(rt, in_flight_id, probe(sessions, settings, rt, recipe))

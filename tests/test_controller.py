@@ -235,7 +235,8 @@ def test_two_studies_share_the_workers_and_pause_resume_cancel(llama, db, settin
     _, sessions = db
     a = add_study(sessions, spec(llama, trials=10, delay=0.1))
     b = add_study(sessions, spec(llama, trials=60, delay=0.1, optimizer="cma", seed=1))
-    controller = Controller(settings, sessions)
+    # no score cache: b's baselines would be a's cache hits, and b would start its trials first
+    controller = Controller(settings.model_copy(update={"score_cache": False}), sessions)
 
     def done(sid: str) -> int:
         return study_row(sessions, sid).trials_done

@@ -97,12 +97,12 @@ class PickledPool(InProcessPool):
         self.conversions = conversions
         self.arrived: list[type] = []
 
-    def _run(self, trial_id: int, data: bytes) -> TrialResult:
+    def _run(self, trial_id: int, data: bytes, race: Any = None) -> TrialResult:
         with self.conversions.window(trial_id >= 0):
             recipe = pickle.loads(data)
             if trial_id >= 0:
                 self.arrived.append(type(recipe))
-            return pickle.loads(pickle.dumps(self.runner.run(trial_id, recipe)))
+            return pickle.loads(pickle.dumps(self.runner.run(trial_id, recipe, race=race)))
 
 
 class CountingController(Controller):

@@ -200,7 +200,7 @@ class Scheduler:
             stored = recipe.model_dump(mode="json")
         except Exception as err:  # a point the space cannot decode is a failed trial
             error = f"the point could not be decoded into a recipe: {err}"
-        found = score_cache.probe(self.sessions, self.settings, rt, recipe) if recipe is not None else None
+        found = score_cache.probe(self.sessions, self.settings, rt, stored) if stored is not None else None
         now = utcnow()
         with self.sessions.begin() as s:
             trial = Trial(study_id=rt.study_id, number=rt.next_number, point_id=str(point.id),
