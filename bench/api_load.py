@@ -294,7 +294,7 @@ async def api_load(url: str, study_id: str, clients: int, seconds: float) -> dic
 
 
 def sse_phase(url: str, db_url: str, study_id: str, subscribers: int, seconds: float,
-              drain: float = 15.0) -> dict[str, Any]:
+              drain: float = 30.0) -> dict[str, Any]:
     """``subscribers`` event streams of the running study held ``seconds`` (bench/sse_fanout.py),
     followed from the study's last event at the start; then the study is paused (no new events)
     and the streams get ``drain`` seconds to deliver what is on its way. Does every subscriber
@@ -320,10 +320,26 @@ def sse_phase(url: str, db_url: str, study_id: str, subscribers: int, seconds: f
     stored = [i for i in _stored_ids(db_url, study_id) if i > after]
     complete = sum(1 for ids in got["received"] if ids == stored)
     in_order = sum(1 for ids in got["received"] if ids == stored[:len(ids)])
-    return {"subscribers": subscribers, "seconds": seconds, "drain_s": drain, "connect_s": got["connect_s"],
+    missed = sorted(set(stored) - set(got["received"][0])) if got["received"] else []
+    return {"missed_by_first": _describe(db_url, missed[:20]),
+            "subscribers": subscribers, "seconds": seconds, "drain_s": drain, "connect_s": got["connect_s"],
             "every_event_in_order": complete, "gap_free_prefix": in_order, "events": len(stored),
             "events_at_pause": len(marks.get("at_pause", [])),
             "received_min": min((len(ids) for ids in got["received"]), default=0)}
+
+
+def _describe(db_url: str, ids: list[int]) -> list[str]:
+    """Stored events, as "id kind at" (what a subscriber missed)."""
+    from sqlalchemy import select
+
+    from service.db import Event, make_engine, session_factory
+
+    engine = make_engine(db_url)
+    with session_factory(engine)() as s:
+        rows = s.scalars(select(Event).where(Event.id.in_(ids)).order_by(Event.id)).all() if ids else []
+        out = [f"{e.id} {e.kind} {e.at:%H:%M:%S.%f}" for e in rows]
+    engine.dispose()
+    return out
 
 
 def worker_gaps(db_url: str, study_id: str, window: tuple[float, float]) -> dict[str, Any]:
@@ -380,7 +396,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, seconds: float,
                 workers: int, optimizer: str, split: bool, in_process: bool = False,
-                database_url: str | None = None, sse: int = 0, sse_seconds: float = 60.0) -> dict[str, Any]:
+                database_url: str | None = None, sse: int = 0, sse_seconds: float = 60.0,
+                sse_drain: float = 30.0) -> dict[str, Any]:
     """One study on the real service; ``split``: the API (``evomerge serve --no-controller``) and
     the controller (``python -m service.controller``) started apart, else one ``evomerge serve``
     (the controller its supervised child process; ``in_process``: a thread of the API process)."""
@@ -445,7 +462,7 @@ def service_run(family: tuple[Path, list[Path]], tmp: Path, *, clients: int, sec
             elif phase == "load":
                 load = asyncio.run(api_load(url, sid, clients, seconds))
             else:
-                streams = sse_phase(url, db_url, sid, sse, sse_seconds)
+                streams = sse_phase(url, db_url, sid, sse, sse_seconds, sse_drain)
             c1, n1, t1 = cpu.read(), done(), time.time()
             phases[phase] = {"trials_per_s": (n1 - n0) / (t1 - t0), "window": (t0, t1),
                              "cpu_s": CpuMeter.diff(c0, c1), "seconds": t1 - t0, "api": load, "sse": streams}
@@ -541,6 +558,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the service's database (postgresql: a throw-away schema of the test server)")
     parser.add_argument("--sse", type=int, default=500, help="SSE subscribers of the last phase (0: none)")
     parser.add_argument("--sse-seconds", type=float, default=60.0, help="how long they are held")
+    parser.add_argument("--sse-drain", type=float, default=30.0,
+                        help="after the study is paused: how long the streams get to deliver")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -578,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 workers=args.workers, optimizer="optuna-cmaes",
                                                 split=layout == "split", in_process=layout == "in-process",
                                                 database_url=db_url, sse=args.sse,
-                                                sse_seconds=args.sse_seconds))
+                                                sse_seconds=args.sse_seconds, sse_drain=args.sse_drain))
         figures["service"] = services
     print_report(ceiling, services, args)
     if args.json:
