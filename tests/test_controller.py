@@ -105,6 +105,15 @@ def optuna_trials(url: str, study: Study):
     return optuna.load_study(study_name=study.optuna_study_name, storage=optuna_storage(url)).get_trials()
 
 
+def run_to_completion(settings, sessions, sid: str) -> None:
+    """A controller in this process, stepped until the study is completed, then stopped."""
+    controller = Controller(settings, sessions)
+    try:
+        step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)
+    finally:
+        controller.stop()
+
+
 def kill_9_controller_when(db, sid: str, settings, model_root, ray_local, *, trials_done: int,
                            deadline_s: float = 60.0) -> None:
     """Run the controller as its own process until the study has ``trials_done`` trials done,
@@ -132,11 +141,7 @@ def test_a_study_runs_to_its_budget_and_rescores_the_best(llama, db, settings, r
 
     url, sessions = db
     sid = add_study(sessions, spec(llama, trials=12, heldout={"top_k": 2}))
-    controller = Controller(settings, sessions)
-    try:
-        step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)
-    finally:
-        controller.stop()
+    run_to_completion(settings, sessions, sid)
     study = study_row(sessions, sid)
     rows = trials(sessions, sid)
     assert [t.number for t in rows] == list(range(12))

@@ -14,13 +14,20 @@ from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators import EvaluationSpec, ObjectiveSpec, registry
-from service.controller import Controller
 from service.cost import StudyCost, cost_budget_spent, full_examples, recount
-from service.db import Baseline, Study, StudyStatus, Trial, TrialState, make_engine, session_factory, upgrade
+from service.db import Baseline, Study, Trial, TrialState, make_engine, session_factory, upgrade
 from service.db.testing import temporary_database
 from service.spec import StudySpec, StudyValidationError
 from tests.api_fixtures import make_settings
-from tests.test_controller import add_study, db, settings, spec, step_until, study_row, trials
+from tests.test_controller import (
+    add_study,
+    db,
+    run_to_completion,
+    settings,
+    spec,
+    study_row,
+    trials,
+)
 
 __all__ = ["db", "settings"]  # fixtures
 
@@ -215,11 +222,7 @@ def test_a_study_records_each_trials_cost_and_its_recount_is_the_sum_of_the_rows
 
     url, sessions = db
     sid = add_study(sessions, spec(llama, trials=4, evaluation=loglik_evaluation(limit=4)))
-    controller = Controller(settings, sessions)
-    try:
-        step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)
-    finally:
-        controller.stop()
+    run_to_completion(settings, sessions, sid)
     rows = trials(sessions, sid)
     assert len(rows) == 4 and all(t.state == TrialState.COMPLETE for t in rows)
     assert all(t.examples == 4 and t.tokens > 4 and t.worker_seconds > 0 and not t.cached for t in rows)
@@ -255,11 +258,7 @@ def test_a_budget_in_examples_or_worker_seconds_stops_the_study(llama, db, setti
                   {"evaluator": "noop", "objectives": [{"task": "fingerprint", "metric": "mean"}],
                    "options": {"delay_s": 0.25}})
     sid = add_study(sessions, spec(llama, trials=0, budget=budget, evaluation=evaluation))
-    controller = Controller(settings, sessions)
-    try:
-        step_until(controller, lambda: study_row(sessions, sid).status == StudyStatus.COMPLETED)
-    finally:
-        controller.stop()
+    run_to_completion(settings, sessions, sid)
     rows = trials(sessions, sid)
     cost = StudyCost.model_validate(study_row(sessions, sid).cost)
     assert all(t.state == TrialState.COMPLETE for t in rows)
