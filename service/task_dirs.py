@@ -53,6 +53,15 @@ def _entries(folder: Path) -> Iterator[tuple[Path, Path]]:
                 stack.append(real)
 
 
+def read_task_yaml(path: Path) -> tuple[Any, dict[str, Any]]:
+    """A task YAML's data and its ``!function`` references, read without running anything."""
+    loader = _AuditLoader(path.read_text(encoding="utf-8", errors="replace"))
+    try:
+        return loader.get_single_data(), loader.functions
+    finally:
+        loader.dispose()
+
+
 class _AuditLoader(yaml.SafeLoader):
     """Reads task YAML without running anything: every tag becomes plain data, and the
     ``!function`` references are collected."""
@@ -139,16 +148,12 @@ def _audit_yaml(real: Path, rel: Any, shown: Path, roots: Sequence[Path], seen: 
             f"task directory {str(shown)!r}: {rel} is larger than {MAX_TASK_FILE_BYTES} bytes",
             "a task YAML is a few kilobytes: keep data in separate files", "task_file_too_large")
     try:
-        loader = _AuditLoader(real.read_text(encoding="utf-8", errors="replace"))
-        try:
-            config = loader.get_single_data()
-        finally:
-            loader.dispose()
+        config, functions = read_task_yaml(real)
     except (OSError, yaml.YAMLError, RecursionError, ValueError):
         return  # lm-eval reports an unreadable task itself when it is named
     if not isinstance(config, dict):
         return
-    for what, target in _named_files(config, loader.functions, real.parent):
+    for what, target in _named_files(config, functions, real.parent):
         target_real = Path(os.path.realpath(target))
         if not inside(target_real, roots):
             raise TaskDirRefusal(

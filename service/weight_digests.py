@@ -130,7 +130,7 @@ def _files_under(folder: Path) -> list[tuple[str, Path]]:
 
 def _named_outside(folder: Path, files: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """The files the folder's task YAML names outside the folder, as ``yaml->what:relative path``."""
-    from service.task_dirs import _AuditLoader, _named_files  # the audit's own reading of task YAML
+    from service.task_dirs import _named_files, read_task_yaml  # the audit's own reading of task YAML
 
     real_folder = Path(os.path.realpath(folder))
     out: list[tuple[str, Path]] = []
@@ -138,16 +138,12 @@ def _named_outside(folder: Path, files: list[tuple[str, Path]]) -> list[tuple[st
         if not rel.endswith(".yaml"):
             continue
         try:
-            loader = _AuditLoader(path.read_text(encoding="utf-8", errors="replace"))
-            try:
-                config = loader.get_single_data()
-            finally:
-                loader.dispose()
+            config, functions = read_task_yaml(path)
         except Exception:  # lm-eval reports an unreadable task itself; its bytes are in the digest
             continue
         if not isinstance(config, dict):
             continue
-        for what, target in _named_files(config, loader.functions, path.parent):
+        for what, target in _named_files(config, functions, path.parent):
             real = Path(os.path.realpath(target))
             if real.is_relative_to(real_folder) or not real.exists():
                 continue
